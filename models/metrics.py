@@ -1,0 +1,72 @@
+"""Word and character error rates, with the normalisation of ../shared/data/reference.
+
+Corpus-level rates: total edits over all utterances divided by total reference length,
+so long utterances weigh more than short ones. Characters are Unicode code points of the
+normalised text, spaces between words included (this reproduces the reference numbers).
+"""
+
+import unicodedata
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def normalize_text(s: str) -> str:
+    """NFKC, lower case, punctuation and symbols (categories P*, S*) to spaces, collapse spaces."""
+    s = unicodedata.normalize("NFKC", s).lower()
+    s = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in s)
+    return " ".join(s.split())
+
+
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
+    if len(ref) == 0 or len(hyp) == 0:
+        return max(len(ref), len(hyp))
+    # Map items to ints so one row of the DP table is a vectorised numpy comparison.
+    vocab: dict = {}
+    r = np.array([vocab.setdefault(x, len(vocab)) for x in ref], dtype=np.int64)
+    h = np.array([vocab.setdefault(x, len(vocab)) for x in hyp], dtype=np.int64)
+    cols = np.arange(len(h) + 1)
+    prev = cols.copy()  # distances from the empty ref prefix
+    for i in range(1, len(r) + 1):
+        cur = np.empty_like(prev)
+        cur[0] = i
+        cur[1:] = np.minimum(prev[1:] + 1, prev[:-1] + (h != r[i - 1]))  # deletion, substitution
+        # Insertions chain along the row: cur[j] = min_k (cur[k] + j - k), a running minimum.
+        prev = np.minimum.accumulate(cur - cols) + cols
+    return int(prev[-1])
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(word edits, reference words) after normalize_text."""
+    r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+    return edit_distance(r, h), len(r)
+
+
+def char_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(character edits, reference characters incl. spaces) after normalize_text."""
+    r, h = normalize_text(ref), normalize_text(hyp)
+    return edit_distance(r, h), len(r)
+
+
+def _corpus_rate(refs: Sequence[str], hyps: Sequence[str], errors) -> float:
+    if len(refs) != len(hyps):
+        raise ValueError(f"got {len(refs)} references but {len(hyps)} hypotheses")
+    edits = total = 0
+    for ref, hyp in zip(refs, hyps):
+        e, n = errors(ref, hyp)
+        edits += e
+        total += n
+    if total == 0:
+        raise ValueError("references are empty after normalisation: the error rate is undefined")
+    return edits / total
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus word error rate: sum of word edits / sum of reference words (can exceed 1)."""
+    return _corpus_rate(refs, hyps, word_errors)
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus character error rate: sum of char edits / sum of reference chars (can exceed 1)."""
+    return _corpus_rate(refs, hyps, char_errors)

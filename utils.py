@@ -1,0 +1,231 @@
+"""Loading and saving models and adapters, atomically where the user keeps the files."""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from models.whisper import ModelDimensions, Whisper
+
+DEFAULT_MODEL = "mlx-community/whisper-tiny"
+_WEIGHT_FILES = ("weights.safetensors", "weights.npz", "model.safetensors")
+
+# Hugging Face transformers names -> OpenAI/MLX names (applied in order, as regex substitutions).
+HF_TO_MLX = [
+    (r"^model\.", ""),
+    (r"^proj_out\.weight$", ""),  # tied to the token embedding
+    (r"\.layers\.", ".blocks."),
+    (r"\.self_attn\.q_proj\.", ".attn.query."),
+    (r"\.self_attn\.k_proj\.", ".attn.key."),
+    (r"\.self_attn\.v_proj\.", ".attn.value."),
+    (r"\.self_attn\.out_proj\.", ".attn.out."),
+    (r"\.self_attn_layer_norm\.", ".attn_ln."),
+    (r"\.encoder_attn\.q_proj\.", ".cross_attn.query."),
+    (r"\.encoder_attn\.k_proj\.", ".cross_attn.key."),
+    (r"\.encoder_attn\.v_proj\.", ".cross_attn.value."),
+    (r"\.encoder_attn\.out_proj\.", ".cross_attn.out."),
+    (r"\.encoder_attn_layer_norm\.", ".cross_attn_ln."),
+    (r"\.fc1\.", ".mlp1."),
+    (r"\.fc2\.", ".mlp2."),
+    (r"\.final_layer_norm\.", ".mlp_ln."),
+    (r"^encoder\.layer_norm\.", "encoder.ln_post."),
+    (r"^decoder\.layer_norm\.", "decoder.ln."),
+    (r"^decoder\.embed_tokens\.", "decoder.token_embedding."),
+    (r"^decoder\.embed_positions\.weight$", "decoder.positional_embedding"),
+    (r"^encoder\.embed_positions\.weight$", ""),  # sinusoids, recomputed
+]
+HF_CONFIG_KEYS = {
+    "num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
+    "encoder_attention_heads": "n_audio_head", "encoder_layers": "n_audio_layer",
+    "vocab_size": "n_vocab", "max_target_positions": "n_text_ctx",
+    "decoder_attention_heads": "n_text_head", "decoder_layers": "n_text_layer",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model folder or repo could not be loaded; the message says which file and why."""
+
+
+def resolve_model_path(path_or_repo: str) -> Path:
+    """A local folder as is; anything else is taken as a Hugging Face repo id and downloaded (cached)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: expected a model folder (config.json + weights), found a file")
+        return path
+    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+        raise ModelLoadError(f"{path_or_repo}: no such model folder (and not a Hugging Face repo id like user/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            repo_id=path_or_repo,
+            allow_patterns=["*.json", "*.safetensors", "weights.npz", "*.md"],
+        )
+    except Exception as error:  # network errors, missing repos and auth all land here
+        raise ModelLoadError(
+            f"could not download model {path_or_repo!r} from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}); check the name, your network, or HF_TOKEN"
+        ) from None
+    return Path(local)
+
+
+def read_model_config(folder: Path) -> Tuple[ModelDimensions, dict, bool]:
+    """(dims, raw config, is_hf_layout) of a model folder."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json; is this a Whisper model folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({error})") from None
+    if "d_model" in config:  # transformers layout
+        missing = [k for k in HF_CONFIG_KEYS if k not in config]
+        if missing:
+            raise ModelLoadError(f"{config_path}: transformers config lacks {missing}")
+        dims = {mlx_key: config[hf_key] for hf_key, mlx_key in HF_CONFIG_KEYS.items()}
+        dims["n_text_state"] = config["d_model"]
+        return ModelDimensions.from_dict(dims, str(config_path)), config, True
+    shape = {k: v for k, v in config.items() if k not in ("model_type", "quantization", "base_model")}
+    try:
+        return ModelDimensions.from_dict(shape, str(config_path)), config, False
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def hf_to_mlx_weights(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Rename transformers Whisper tensors to ours and move conv kernels to MLX layout."""
+    renamed = {}
+    for key, value in weights.items():
+        for pattern, replacement in HF_TO_MLX:
+            key = re.sub(pattern, replacement, key)
+            if not key:
+                break
+        if not key:
+            continue
+        if re.match(r"encoder\.conv[12]\.weight$", key):
+            value = value.transpose(0, 2, 1)  # (out, in, kernel) -> (out, kernel, in)
+        renamed[key] = value
+    return renamed
+
+
+def _read_weights(folder: Path) -> Dict[str, mx.array]:
+    for name in _WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                return dict(mx.load(str(path)))
+            except Exception as error:
+                raise ModelLoadError(f"{path}: could not read weights ({error})") from None
+    raise ModelLoadError(f"{folder}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: str) -> None:
+    """Strict load: every parameter present with the right shape, nothing unknown."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing:
+        raise ModelLoadError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unknown:
+        raise ModelLoadError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+
+
+def load_model(path_or_repo: str, dtype: mx.Dtype = mx.float32) -> Whisper:
+    """Load a Whisper model from an MLX folder, a transformers folder, or a Hugging Face repo id.
+
+    Floating-point weights are cast to `dtype`; quantized weights stay quantized.
+    """
+    folder = resolve_model_path(path_or_repo)
+    dims, config, hf_layout = read_model_config(folder)
+    weights = _read_weights(folder)
+    if hf_layout:
+        weights = hf_to_mlx_weights(weights)
+    weights.pop("encoder.positional_embedding", None)
+    alignment_heads = weights.pop("alignment_heads", None)
+    model = Whisper(dims, dtype)
+    quantization = config.get("quantization")
+    if quantization is not None:
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                    class_predicate=lambda path, module: f"{path}.scales" in weights)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    check_weights(model, weights, str(folder))
+    model.load_weights(list(weights.items()), strict=False)
+    if alignment_heads is not None:
+        model.set_alignment_heads(alignment_heads)
+    mx.eval(model.parameters())
+    model.eval()
+    model.source = str(path_or_repo)
+    return model
+
+
+@contextmanager
+def atomic_output(path: Path, mode: str = "w", **kwargs):
+    """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors_atomic(path: Path, arrays: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
+    """mx.save_safetensors to a temp file, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    with atomic_output(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_model(model: Whisper, folder: Path, extra_config: Optional[dict] = None, force: bool = False) -> None:
+    """Write an MLX community folder (config.json + weights.safetensors) atomically as a whole."""
+    folder = Path(folder)
+    if folder.exists() and not force:
+        raise FileExistsError(f"{folder} already exists; choose another path or pass --force")
+    staging = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=f".{folder.name}."))
+    try:
+        config = {**model.dims.to_dict(), "model_type": "whisper", **(extra_config or {})}
+        write_json_atomic(staging / "config.json", config)
+        weights = dict(tree_flatten(model.parameters()))
+        weights["alignment_heads"] = model.alignment_heads.astype(mx.int64)
+        save_safetensors_atomic(staging / "weights.safetensors", weights)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
