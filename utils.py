@@ -229,3 +229,70 @@ def save_model(model: Whisper, folder: Path, extra_config: Optional[dict] = None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_adapters(model: nn.Module, folder: Path, config: dict, weights_name: str = ADAPTER_WEIGHTS) -> None:
+    """Trainable (LoRA) tensors to `folder/weights_name` and the config beside them, each atomically."""
+    folder = Path(folder)
+    adapters = dict(tree_flatten(model.trainable_parameters()))
+    save_safetensors_atomic(folder / weights_name, adapters)
+    write_json_atomic(folder / ADAPTER_CONFIG, config)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: no {ADAPTER_CONFIG}; pass the folder lora.py wrote with --adapter-path")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
+    if "lora" not in config:
+        raise ModelLoadError(f"{path}: no 'lora' section; was it written by lora.py?")
+    return config
+
+
+def load_adapters(model: nn.Module, folder: Path, weights_name: str = ADAPTER_WEIGHTS) -> nn.Module:
+    """Turn `model` into the LoRA model described by `folder/adapter_config.json` and load its weights.
+
+    Strict: every adapter tensor must be present with the shape this model needs, so adapters
+    trained on another model size are refused with the tensor named.
+    """
+    from models.lora import LoRAConfig, linear_to_lora_layers
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    try:
+        lora_config = LoRAConfig.from_dict(config["lora"])
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"{folder / ADAPTER_CONFIG}: {error}") from None
+    dims = config.get("model_dims")
+    if dims is not None and dims != model.dims.to_dict():
+        changed = {k: (v, model.dims.to_dict().get(k)) for k, v in dims.items() if model.dims.to_dict().get(k) != v}
+        raise ModelLoadError(
+            f"{folder}: adapters were trained on another model size (adapter vs model: {changed}); "
+            f"use the base model {config.get('base_model')!r}"
+        )
+    path = folder / weights_name
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: adapter weights not found")
+    linear_to_lora_layers(model, lora_config)
+    weights = dict(mx.load(str(path)))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    for key in sorted(set(expected) | set(weights)):
+        if key not in weights:
+            raise ModelLoadError(f"{path}: missing adapter tensor {key}")
+        if key not in expected:
+            raise ModelLoadError(f"{path}: unexpected tensor {key}; the adapter config does not describe it")
+        if weights[key].shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{path}: tensor {key} has shape {tuple(weights[key].shape)}, this model needs {tuple(expected[key].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    model.eval()
+    return model

@@ -122,8 +122,8 @@ def _find_split_folders(root: Path) -> Dict[str, Path]:
     for split, names in SPLIT_FOLDERS.items():
         folders = [root / name for name in names if (root / name).is_dir()]
         if len(folders) > 1:
-            names = ", ".join(f.name for f in folders)
-            raise ValueError(f"{root} has several {split} folders ({names}); keep one")
+            listed = ", ".join(f.name for f in folders)
+            raise ValueError(f"{root} has several {split} folders ({listed}); keep one")
         if folders:
             found[split] = folders[0]
     return found
@@ -172,9 +172,9 @@ def read_manifest(path: Union[str, Path], *, text_column: Optional[str] = None) 
         if isinstance(audio, dict):  # {"path": ...}, as some manifests write it
             audio = audio.get("path")
         text = row[_pick_column(row, text_columns, "transcript", where, f"fix {path.name} or pass text_column=")]
-        language = next((row[c] for c in LANGUAGE_COLUMNS if row.get(c)), None)
+        language = next((_text(row[c]) for c in LANGUAGE_COLUMNS if _text(row.get(c))), None)
         audio_path = str(path.parent / str(audio)) if audio else ""
-        examples.append(Example(audio_path, "" if text is None else str(text), language, where))
+        examples.append(Example(audio_path, _text(text), language, where))
     if not examples:
         raise ValueError(f"{path} has no rows; add one row per audio file")
     return examples
@@ -185,8 +185,12 @@ def _pick_column(keys: Iterable[str], candidates: Sequence[str], what: str, wher
     for name in candidates:
         if name in keys:
             return name
-    found = ", ".join(keys) or "none"
+    found = ", ".join(str(k) for k in keys) or "none"  # csv puts surplus fields under None
     raise ValueError(f"{where}: no {what} column; expected one of {', '.join(candidates)}, found {found}; {fix}")
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
 
 
 def _read_csv(path: Path) -> List[Tuple[int, dict]]:
@@ -264,10 +268,8 @@ class HubExamples:
             audio = row[self.audio_column]  # {"bytes": ..., "path": ...} with Audio(decode=False)
             if isinstance(audio, dict):
                 audio = audio.get("bytes") or audio.get("path")
-            text = row[self.text_column]
-            language = row[self.language_column] if self.language_column is not None else None
-            text = "" if text is None else str(text)
-            yield Example(audio or "", text, language or None, f"{self.label}:{index}")
+            text, language = row[self.text_column], row.get(self.language_column)
+            yield Example(audio or "", _text(text), _text(language) or None, f"{self.label}:{index}")
 
     def shuffled(self, seed: int, epoch: int = 0, buffer_size: int = 1000) -> "HubExamples":
         """The same examples in an order drawn from (seed, epoch); a streamed dataset is shuffled
@@ -336,7 +338,8 @@ def label_tokens(tokenizer: Tokenizer, text: str, language: Optional[str],
         raise DroppedExample("unknown language", "no language column and no default language")
     sot, no_timestamps = tokenizer.sot, tokenizer.no_timestamps
     prefix = [sot, no_timestamps] if english_only else [sot, language_token, tokenizer.transcribe, no_timestamps]
-    tokens = prefix + tokenizer.encoding.encode(text, disallowed_special=()) + [tokenizer.eot]
+    # Text that looks like "<|en|>" is encoded as plain text, never as a special token.
+    tokens = prefix + tokenizer.encoding.encode(" " + text, disallowed_special=()) + [tokenizer.eot]
     if len(tokens) > max_label_tokens:
         raise DroppedExample("transcript too long", f"{len(tokens)} tokens > {max_label_tokens}")
     return np.array(tokens, dtype=np.int32)

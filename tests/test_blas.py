@@ -25,7 +25,7 @@ def _run(**env_overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", NO_REEXEC_ENV)}
     env.update(env_overrides)
     out = subprocess.run([sys.executable, "-c", CHILD, "a b", "--flag"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True, timeout=120)
+                         capture_output=True, text=True, check=True, timeout=60)
     return json.loads(out.stdout)
 
 

@@ -1,0 +1,90 @@
+"""Validation: loss over target tokens and WER/CER from real greedy decoding."""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .data import Features, collate
+from .decoding import DecodingOptions, DecodingTask
+from .metrics import cer, wer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    n_tokens: int
+    wer: Optional[float] = None
+    cer: Optional[float] = None
+    predictions: List[dict] = field(default_factory=list)  # {"source", "language", "ref", "hyp"}
+
+    def summary(self) -> str:
+        text = f"loss {self.loss:.3f}"
+        if self.wer is not None:
+            text += f", WER {100 * self.wer:.1f}%, CER {100 * self.cer:.1f}%"
+        return text
+
+
+def reference_text(tokenizer: Tokenizer, labels: np.ndarray) -> str:
+    return tokenizer.decode([int(t) for t in labels if t < tokenizer.eot]).strip()
+
+
+def language_of(tokenizer: Tokenizer, labels: np.ndarray) -> Optional[str]:
+    tokens = set(int(t) for t in labels[1:3])
+    for code, token in zip(tokenizer.all_language_codes, tokenizer.all_language_tokens):
+        if token in tokens:
+            return code
+    return None
+
+
+def validation_loss(model, features: Sequence[Features], batch_size: int, loss_fn, world=None) -> tuple:
+    """Token-weighted mean loss over `features` (summed across ranks when `world` is given)."""
+    total, tokens = mx.array(0.0), mx.array(0.0)
+    for start in range(0, len(features), batch_size):
+        batch = collate(features[start : start + batch_size])
+        mel = batch.mel.astype(model.decoder.ln.weight.dtype)
+        loss, n = loss_fn(model, mel, batch.inputs, batch.targets, batch.mask)
+        total, tokens = total + loss * n, tokens + n
+        mx.eval(total, tokens)
+    if world is not None and world.size() > 1:
+        total, tokens = mx.distributed.all_sum(total, group=world), mx.distributed.all_sum(tokens, group=world)
+    return float(total / mx.maximum(tokens, 1)), int(tokens.item())
+
+
+def greedy_predictions(model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int) -> List[dict]:
+    """Greedy transcripts (no timestamps) of each clip, decoded in batches of one language."""
+    by_language: Dict[Optional[str], List[Features]] = {}
+    for f in features:
+        by_language.setdefault(language_of(tokenizer, f.labels), []).append(f)
+    predictions = []
+    for language, group in by_language.items():
+        task = DecodingTask(model, DecodingOptions(language=language, without_timestamps=True))
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            mel = mx.array(np.stack([f.mel for f in chunk])).astype(model.decoder.ln.weight.dtype)
+            for f, result in zip(chunk, task.run(mel)):
+                predictions.append({
+                    "source": f.source, "language": language,
+                    "ref": reference_text(tokenizer, f.labels), "hyp": result.text,
+                })
+    return predictions
+
+
+def evaluate(model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int, loss_fn,
+             decode: bool = True) -> EvalResult:
+    """Validation loss and, with `decode`, greedy WER/CER of `features`."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss, n_tokens = validation_loss(model, features, batch_size, loss_fn)
+        result = EvalResult(loss, n_tokens)
+        if decode and features:
+            result.predictions = greedy_predictions(model, tokenizer, features, batch_size)
+            refs = [p["ref"] for p in result.predictions]
+            hyps = [p["hyp"] for p in result.predictions]
+            result.wer, result.cer = wer(refs, hyps), cer(refs, hyps)
+    finally:
+        model.train(was_training)
+    return result
