@@ -51,7 +51,8 @@ def compression_ratio(text: str) -> float:
 def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
     peak = np.max(x, axis=axis, keepdims=True)
     peak = np.where(np.isfinite(peak), peak, 0.0)
-    return (np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True)) + peak).squeeze(axis)
+    with np.errstate(divide="ignore"):  # all -inf (every token suppressed) gives -inf, as it should
+        return (np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True)) + peak).squeeze(axis)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -277,11 +278,13 @@ class DecodingTask:
                     if sequence[-1] == eot:
                         if len(finished[audio]) < max_finished:
                             finished[audio].setdefault(sequence, score)
-                    elif kept < beam:
+                    else:
                         next_rows.append(sequence)
                         next_scores.append(score)
                         sources.append(source)
                         kept += 1
+                        if kept == beam:  # endings ranked below the last kept beam don't count as finished
+                            break
             tokens = np.array(next_rows, dtype=np.int64)
             sum_logprobs = np.array(next_scores)
             done = all(len(f) >= max_finished for f in finished)

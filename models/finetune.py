@@ -37,7 +37,9 @@ def load_splits(args, world=None) -> Dict[str, object]:
     if (args.data is None) == (args.hf_dataset is None):
         raise SystemExit("error: give exactly one of --data DIR or --hf-dataset NAME")
     if args.data is not None:
-        return D.load_local_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed,
+        # --test alone on a flat folder scores every row; training holds out --val-fraction.
+        val_fraction = 0.0 if args.test and not args.train else args.val_fraction
+        return D.load_local_dataset(args.data, val_fraction=val_fraction, seed=args.seed,
                                     text_column=args.text_column)
     splits = {}
     wanted = {"train": args.train_split, "validation": args.val_split}
@@ -152,9 +154,9 @@ def run_test(args, model, tokenizer, splits, log) -> int:
     from .evaluate import evaluate
     from .trainer import loss_fn
 
-    name = "test" if splits.get("test") else "validation"
-    if not splits.get(name):
-        raise SystemExit("error: --test found neither a test nor a validation split")
+    name = next((n for n in ("test", "validation", "train") if splits.get(n)), None)
+    if name is None:
+        raise SystemExit("error: --test found no examples (no test, validation or flat set)")
     features = featurize(splits[name], tokenizer, model.dims.n_mels, args.language, name, log)
     result = evaluate(model, tokenizer, features, args.batch_size, loss_fn)
     output = Path(args.test_output or Path(args.adapter_path) / "test_predictions.jsonl")

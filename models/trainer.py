@@ -42,6 +42,7 @@ class TrainingArgs:
     seed: int = 0
     best_metric: str = "cer"  # wer | cer | loss: which validation number picks the best adapter
     sort_window: Optional[int] = 8  # length-bucketed batches (less padding)
+    pad_to_multiple: int = 64  # few distinct token lengths, so the compiled step is rarely rebuilt
 
 
 def build_schedule(args: TrainingArgs) -> Callable:
@@ -243,7 +244,8 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
     world_size = 1 if trainer.world is None else trainer.world.size()
     if batch_source is None:
         batch_source = partial(training_batches, train_set, args.batch_size, seed=args.seed,
-                               sort_window=args.sort_window, rank=trainer.rank, world_size=world_size)
+                               sort_window=args.sort_window, pad_to_multiple=args.pad_to_multiple,
+                               rank=trainer.rank, world_size=world_size)
         batches = batch_source(start_step=start_step * args.grad_accumulation)
     else:
         batches = batch_source(start_step * args.grad_accumulation)

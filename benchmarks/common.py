@@ -1,0 +1,90 @@
+"""Helpers shared by the benchmark scripts: timing, worker subprocesses, result files.
+
+Standard library only: the scripts import this before they know which framework a
+worker will load (MLX, PyTorch, or faster-whisper in its own virtual environment).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "RESULT "
+
+
+def time_calls(fn: Callable[[], None], warmup: int, steps: int) -> List[float]:
+    """Seconds of each of `steps` calls of `fn` after `warmup` untimed ones.
+
+    `fn` must block until the device is done (mx.eval / torch.cuda.synchronize inside).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return times
+
+
+def summary(times: Sequence[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def emit_result(result: dict) -> None:
+    """A worker's last line on stdout: what the parent reads back."""
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> dict:
+    """Run a worker subprocess; its stderr streams through, its RESULT line is parsed.
+
+    A crash, a timeout or a missing result comes back as {"error": ...} instead of raising,
+    so one out-of-memory configuration does not lose the others.
+    """
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,
+                              env=full_env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+    if lines:
+        return json.loads(lines[-1][len(RESULT_PREFIX):])
+    tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
+    return {"error": f"worker exited with {proc.returncode} and no result{': ' + tail if tail else ''}"}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def out_dir(cli_value: Optional[str]) -> Optional[Path]:
+    """--out-dir, else $OUT (set on the GPU machine), else None (print only)."""
+    value = cli_value or os.environ.get("OUT")
+    if not value:
+        return None
+    path = Path(value)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(folder: Optional[Path], name: str, payload: dict, table: str) -> None:
+    if folder is None:
+        return
+    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(table + "\n")
+    print(f"wrote {folder / (name + '.json')} and {name}.md", file=sys.stderr)
+
+
+def fmt(value, spec: str = ".1f", missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)

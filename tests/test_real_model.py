@@ -1,0 +1,162 @@
+"""whisper-base (float32) on real speech from ../shared: accuracy against the reference transcripts.
+
+Default run (~3 min on 2 CPU cores): jfk.flac, the 20 longest en-read clips (exact match with
+faster-whisper, long-form transcription of them joined), beam search on a few of them, the CLI.
+`pytest -m slow` runs the whole en-read set (116 clips; greedy ~8 min, beam search longer).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from models.audio import SAMPLE_RATE, load_audio
+from models.decoding import DecodingOptions
+from models.metrics import normalize_text, wer
+from models.transcribe import transcribe, transcribe_batch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODEL = SHARED / "models" / "whisper-base-mlx"
+EN_READ = SHARED / "data" / "en-read"
+REFERENCE = SHARED / "data" / "reference" / "en-read.jsonl"
+
+pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file() or not REFERENCE.is_file(),
+                                reason="needs ../shared/models/whisper-base-mlx and ../shared/data")
+GREEDY = DecodingOptions(language="en", without_timestamps=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from utils import load_model
+
+    return load_model(str(MODEL))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(rows of file/ref/hyp, the reference implementation's corpus WER)."""
+    lines = [json.loads(line) for line in REFERENCE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary = next(line for line in lines if line.get("summary"))
+    return [line for line in lines if "file" in line], summary["wer"]
+
+
+@pytest.fixture(scope="module")
+def longest(reference):
+    """The 20 longest clips (~96 s of speech), in file order: the default subset."""
+    rows, _ = reference
+    duration = {r["file"]: soundfile.info(str(EN_READ / r["file"])).duration for r in rows}
+    chosen = set(sorted(duration, key=lambda f: -duration[f])[:20])
+    return [r for r in rows if r["file"] in chosen]
+
+
+def run_batch(model, rows, options=GREEDY):
+    return [r["text"] for r in transcribe_batch(model, [str(EN_READ / r["file"]) for r in rows], options, 4)]
+
+
+@pytest.fixture(scope="module")
+def longest_greedy(model, longest):
+    return run_batch(model, longest)
+
+
+@pytest.fixture(scope="module")
+def all_greedy(model, reference):
+    return run_batch(model, reference[0])
+
+
+def exact_matches(rows, hyps):
+    return sum(hyp == row["hyp"] for row, hyp in zip(rows, hyps))
+
+
+def test_jfk_transcribes_to_the_reference(model):
+    with open(SHARED / "data" / "famous-clips" / "metadata.csv", newline="", encoding="utf-8") as f:
+        expected = {row["file_name"]: row["transcription"] for row in csv.DictReader(f)}["jfk.flac"]
+    result = transcribe(model, str(SHARED / "data" / "famous-clips" / "jfk.flac"), word_timestamps=True)
+    assert result["language"] == "en"
+    assert normalize_text(result["text"]) == normalize_text(expected)
+    words = [w for s in result["segments"] for w in s["words"]]
+    assert normalize_text("".join(w["word"] for w in words)) == normalize_text(expected)
+    assert 0 <= words[0]["start"] < 1.0 and 10.0 < words[-1]["end"] <= 11.0  # speech ends at ~10.5 s
+
+
+def test_en_read_subset_matches_the_reference_implementation(longest, longest_greedy):
+    print(f"en-read subset: {exact_matches(longest, longest_greedy)}/{len(longest)} exact")
+    assert exact_matches(longest, longest_greedy) >= 19, [
+        (row["hyp"], hyp) for row, hyp in zip(longest, longest_greedy) if hyp != row["hyp"]]
+
+
+@pytest.mark.slow
+def test_en_read_matches_the_reference_implementation(reference, all_greedy):
+    rows, reference_wer = reference
+    matches = exact_matches(rows, all_greedy)
+    print(f"en-read: {matches}/{len(rows)} exact, WER {wer([r['ref'] for r in rows], all_greedy):.4f}")
+    assert matches >= 0.97 * len(rows)
+    assert abs(wer([r["ref"] for r in rows], all_greedy) - reference_wer) <= 0.003
+
+
+def beam_vs_greedy(model, rows, greedy_hyps):
+    beam_hyps = run_batch(model, rows, DecodingOptions(language="en", without_timestamps=True, beam_size=5))
+    refs = [r["ref"] for r in rows]
+    return wer(refs, beam_hyps), wer(refs, greedy_hyps)
+
+
+def test_beam_search_is_no_worse_than_greedy_on_a_subset(model, longest, longest_greedy):
+    beam, greedy = beam_vs_greedy(model, longest[::3], longest_greedy[::3])
+    print(f"subset of {len(longest[::3])}: beam-5 WER {beam:.4f}, greedy WER {greedy:.4f}")
+    assert beam <= greedy + 0.02  # 7 clips (~100 words): a spelling variant or two is noise
+
+
+@pytest.mark.slow
+def test_beam_search_is_no_worse_than_greedy(model, reference, all_greedy):
+    beam, greedy = beam_vs_greedy(model, reference[0], all_greedy)
+    print(f"en-read: beam-5 WER {beam:.4f}, greedy WER {greedy:.4f}")
+    assert beam <= greedy
+
+
+def check_long_form(model, rows, per_clip_hyps):
+    """Join the clips with 0.3 s pauses; transcribe with word timestamps; compare with per-clip results."""
+    pause = np.zeros(int(0.3 * SAMPLE_RATE), np.float32)
+    audio = np.concatenate([part for r in rows for part in (load_audio(EN_READ / r["file"]), pause)])
+    duration = len(audio) / SAMPLE_RATE
+    result = transcribe(model, audio, language="en", word_timestamps=True)
+    segments = result["segments"]
+    starts = [s["start"] for s in segments]
+    assert starts == sorted(starts) and all(0 <= s["start"] < s["end"] <= duration for s in segments)
+    assert segments[0]["start"] < 2.0 and segments[-1]["end"] > duration - 3.0  # covers the audio
+    times = [t for s in segments for w in s["words"] for t in (w["start"], w["end"])]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= duration
+    refs = [r["ref"] for r in rows]
+    joined, per_clip = wer([" ".join(refs)], [result["text"]]), wer(refs, per_clip_hyps)
+    print(f"long-form {duration:.1f} s, {len(segments)} segments: WER {joined:.4f} (per clip {per_clip:.4f})")
+    assert joined <= per_clip + 0.02
+
+
+def test_long_form_transcription_of_joined_clips(model, longest, longest_greedy):
+    check_long_form(model, longest, longest_greedy)
+
+
+@pytest.mark.slow
+def test_long_form_transcription_of_the_whole_set(model, reference, all_greedy):
+    check_long_form(model, reference[0], all_greedy)
+
+
+def test_cli_writes_parseable_subtitles(tmp_path, monkeypatch, capsys):
+    import transcribe as cli
+
+    srt = pytest.importorskip("srt")
+    webvtt = pytest.importorskip("webvtt")
+    monkeypatch.setenv("WHISPER_MLX_NO_REEXEC", "1")
+    jfk = SHARED / "data" / "famous-clips" / "jfk.flac"
+    code = cli.main([str(jfk), "--model", str(MODEL), "--language", "en", "--output-format", "srt,vtt,json",
+                     "--output-dir", str(tmp_path), "--dtype", "float32"])
+    assert code == 0
+    text = capsys.readouterr().out.strip()
+    assert normalize_text(text).startswith("and so my fellow americans")
+    cues = list(srt.parse((tmp_path / "jfk.srt").read_text(encoding="utf-8")))
+    vtt = list(webvtt.read(str(tmp_path / "jfk.vtt")))
+    result = json.loads((tmp_path / "jfk.json").read_text(encoding="utf-8"))
+    assert len(cues) == len(vtt) == len(result["segments"]) >= 1
+    assert normalize_text(" ".join(c.content for c in cues)) == normalize_text(text)
+    assert cues[-1].end.total_seconds() <= 11.1
