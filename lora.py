@@ -103,9 +103,14 @@ def main(argv=None) -> int:
 
     ensure_fast_blas()
     args = parse_args(argv)
+    from models.data import DatasetLoadError
     from models.finetune import run
 
-    return run(args)
+    try:
+        return run(args)
+    except (ValueError, OSError, DatasetLoadError) as error:  # bad input: the message says what to fix
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

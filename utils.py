@@ -1,5 +1,6 @@
 """Loading and saving models and adapters, atomically where the user keeps the files."""
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from models.whisper import ModelDimensions, Whisper
 
 DEFAULT_MODEL = "mlx-community/whisper-tiny"
 _WEIGHT_FILES = ("weights.safetensors", "weights.npz", "model.safetensors")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # never loaded
 
 # Hugging Face transformers names -> OpenAI/MLX names (applied in order, as regex substitutions).
 HF_TO_MLX = [
@@ -41,6 +43,28 @@ HF_TO_MLX = [
     (r"^decoder\.embed_tokens\.", "decoder.token_embedding."),
     (r"^decoder\.embed_positions\.weight$", "decoder.positional_embedding"),
     (r"^encoder\.embed_positions\.weight$", ""),  # sinusoids, recomputed
+]
+# OpenAI/MLX names -> transformers names (the inverse of HF_TO_MLX, for --export-hf).
+MLX_TO_HF = [
+    (r"\.blocks\.", ".layers."),
+    (r"\.attn\.query\.", ".self_attn.q_proj."),
+    (r"\.attn\.key\.", ".self_attn.k_proj."),
+    (r"\.attn\.value\.", ".self_attn.v_proj."),
+    (r"\.attn\.out\.", ".self_attn.out_proj."),
+    (r"\.attn_ln\.", ".self_attn_layer_norm."),
+    (r"\.cross_attn\.query\.", ".encoder_attn.q_proj."),
+    (r"\.cross_attn\.key\.", ".encoder_attn.k_proj."),
+    (r"\.cross_attn\.value\.", ".encoder_attn.v_proj."),
+    (r"\.cross_attn\.out\.", ".encoder_attn.out_proj."),
+    (r"\.cross_attn_ln\.", ".encoder_attn_layer_norm."),
+    (r"\.mlp1\.", ".fc1."),
+    (r"\.mlp2\.", ".fc2."),
+    (r"\.mlp_ln\.", ".final_layer_norm."),
+    (r"^encoder\.ln_post\.", "encoder.layer_norm."),
+    (r"^decoder\.ln\.", "decoder.layer_norm."),
+    (r"^decoder\.token_embedding\.", "decoder.embed_tokens."),
+    (r"^decoder\.positional_embedding$", "decoder.embed_positions.weight"),
+    (r"^", "model."),
 ]
 HF_CONFIG_KEYS = {
     "num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
@@ -117,6 +141,21 @@ def hf_to_mlx_weights(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     return renamed
 
 
+def mlx_to_hf_weights(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Rename our tensors to transformers names and move conv kernels to PyTorch layout.
+
+    The encoder's sinusoidal positions are not parameters here; the caller adds them.
+    """
+    renamed = {}
+    for key, value in weights.items():
+        if re.match(r"encoder\.conv[12]\.weight$", key):
+            value = value.transpose(0, 2, 1)  # (out, kernel, in) -> (out, in, kernel)
+        for pattern, replacement in MLX_TO_HF:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
 def _read_weights(folder: Path) -> Dict[str, mx.array]:
     for name in _WEIGHT_FILES:
         path = folder / name
@@ -125,7 +164,10 @@ def _read_weights(folder: Path) -> Dict[str, mx.array]:
                 return dict(mx.load(str(path)))
             except Exception as error:
                 raise ModelLoadError(f"{path}: could not read weights ({error})") from None
-    raise ModelLoadError(f"{folder}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}")
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    hint = (f"; {', '.join(pickled)} not loaded: pickle-based files can run code when opened, "
+            f"convert them to safetensors" if pickled else "")
+    raise ModelLoadError(f"{folder}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}{hint}")
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: str) -> None:
@@ -144,10 +186,10 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: str) -
             )
 
 
-def load_model(path_or_repo: str, dtype: mx.Dtype = mx.float32) -> Whisper:
+def load_model(path_or_repo: str, dtype: Optional[mx.Dtype] = mx.float32) -> Whisper:
     """Load a Whisper model from an MLX folder, a transformers folder, or a Hugging Face repo id.
 
-    Floating-point weights are cast to `dtype`; quantized weights stay quantized.
+    Floating-point weights are cast to `dtype` (None: kept as stored); quantized weights stay quantized.
     """
     folder = resolve_model_path(path_or_repo)
     dims, config, hf_layout = read_model_config(folder)
@@ -156,6 +198,8 @@ def load_model(path_or_repo: str, dtype: mx.Dtype = mx.float32) -> Whisper:
         weights = hf_to_mlx_weights(weights)
     weights.pop("encoder.positional_embedding", None)
     alignment_heads = weights.pop("alignment_heads", None)
+    if dtype is None:
+        dtype = next((v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
     model = Whisper(dims, dtype)
     quantization = config.get("quantization")
     if quantization is not None:
@@ -173,36 +217,50 @@ def load_model(path_or_repo: str, dtype: mx.Dtype = mx.float32) -> Whisper:
 
 
 @contextmanager
+def _disk_full_names(path: Path):
+    """Re-raise "no space left" as an error that names `path` and says the old file is intact."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(error.errno, f"disk full: could not save {path} ({error.strerror}); the previous "
+                                   f"{path.name}, if any, is unchanged. Free some space and try again") from error
+
+
+@contextmanager
 def atomic_output(path: Path, mode: str = "w", **kwargs):
     """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _disk_full_names(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode, **kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def save_safetensors_atomic(path: Path, arrays: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
     """mx.save_safetensors to a temp file, then rename: a crash leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _disk_full_names(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as f:  # a Python file keeps a failed write's errno; MLX's own writer drops it
+                mx.save_safetensors(f, arrays, metadata=metadata or {})
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -211,24 +269,54 @@ def write_json_atomic(path: Path, data: dict) -> None:
         f.write("\n")
 
 
-def save_model(model: Whisper, folder: Path, extra_config: Optional[dict] = None, force: bool = False) -> None:
-    """Write an MLX community folder (config.json + weights.safetensors) atomically as a whole."""
+@contextmanager
+def atomic_folder(folder: Path, force: bool = False):
+    """Yield an empty temp folder beside `folder`; it becomes `folder` only if the block succeeds.
+
+    A crash leaves no half-written `folder`; with `force` an existing one is replaced.
+    """
     folder = Path(folder)
     if folder.exists() and not force:
         raise FileExistsError(f"{folder} already exists; choose another path or pass --force")
-    staging = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=f".{folder.name}."))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        config = {**model.dims.to_dict(), "model_type": "whisper", **(extra_config or {})}
-        write_json_atomic(staging / "config.json", config)
-        weights = dict(tree_flatten(model.parameters()))
-        weights["alignment_heads"] = model.alignment_heads.astype(mx.int64)
-        save_safetensors_atomic(staging / "weights.safetensors", weights)
-        if folder.exists():
-            shutil.rmtree(folder)
+        yield staging
+        _default_permissions(staging)
+        old = None
+        if folder.exists():  # move the old folder aside first so one of the two always exists
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+            os.replace(folder, old / folder.name)
         os.replace(staging, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _default_permissions(folder: Path) -> None:
+    """Temp files are private (0600); give a finished folder the modes a plain write would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_model_files(model: Whisper, folder: Path, extra_config: Optional[dict] = None) -> None:
+    """config.json + weights.safetensors (with the alignment heads) of `model` into `folder`."""
+    config = {**model.dims.to_dict(), "model_type": "whisper", **(extra_config or {})}
+    write_json_atomic(Path(folder) / "config.json", config)
+    weights = dict(tree_flatten(model.parameters()))
+    weights["alignment_heads"] = model.alignment_heads.astype(mx.int64)
+    save_safetensors_atomic(Path(folder) / "weights.safetensors", weights, {"format": "mlx"})
+
+
+def save_model(model: Whisper, folder: Path, extra_config: Optional[dict] = None, force: bool = False) -> None:
+    """Write an MLX community folder (config.json + weights.safetensors) atomically as a whole."""
+    with atomic_folder(folder, force) as staging:
+        write_model_files(model, staging, extra_config)
 
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -281,7 +369,10 @@ def load_adapters(model: nn.Module, folder: Path, weights_name: str = ADAPTER_WE
     if not path.is_file():
         raise ModelLoadError(f"{path}: adapter weights not found")
     linear_to_lora_layers(model, lora_config)
-    weights = dict(mx.load(str(path)))
+    try:
+        weights = dict(mx.load(str(path)))
+    except Exception as error:
+        raise ModelLoadError(f"{path}: could not read adapter weights ({error})") from None
     expected = dict(tree_flatten(model.trainable_parameters()))
     for key in sorted(set(expected) | set(weights)):
         if key not in weights:

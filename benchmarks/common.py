@@ -42,6 +42,19 @@ def emit_result(result: dict) -> None:
     sys.stdout.flush()
 
 
+def worker_main(fn, args) -> int:
+    """Run a worker and emit its result; an exception (out of memory, say) becomes {"error": ...}."""
+    try:
+        result = fn(args)
+    except Exception as error:  # reported in the table instead of losing the whole run
+        import traceback
+
+        traceback.print_exc()
+        result = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"}
+    emit_result(result)
+    return 0
+
+
 def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> dict:
     """Run a worker subprocess; its stderr streams through, its RESULT line is parsed.
 
@@ -49,7 +62,10 @@ def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> di
     so one out-of-memory configuration does not lose the others.
     """
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # The repository first, then whatever was there (on the GPU machine: /tmp/site with MLX).
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    timeout = None if timeout == float("inf") else max(timeout, 1.0)
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,
                               env=full_env, cwd=ROOT)
@@ -60,6 +76,11 @@ def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> di
         return json.loads(lines[-1][len(RESULT_PREFIX):])
     tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
     return {"error": f"worker exited with {proc.returncode} and no result{': ' + tail if tail else ''}"}
+
+
+def seconds_left(deadline: Optional[float]) -> float:
+    """Seconds until `deadline` (a Unix time), or infinity without one."""
+    return float("inf") if deadline is None else deadline - time.time()
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

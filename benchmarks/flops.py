@@ -67,26 +67,26 @@ def encoder_forward(shape: Shape, n_frames: int = 2 * N_AUDIO_CTX) -> int:
 
 def decoder_forward(shape: Shape, n_tokens: int, n_audio: int = N_AUDIO_CTX) -> int:
     """One clip's `n_tokens` through the decoder, cross-attention keys/values and logits included."""
-    l, t, d = n_tokens, n_audio, shape.n_state
-    self_attn = 4 * _linear(l, d, d) + 2 * (2 * l * l * d)
-    cross = 2 * _linear(l, d, d) + 2 * _linear(t, d, d) + 2 * (2 * l * t * d)
-    mlp = _linear(l, d, 4 * d) + _linear(l, 4 * d, d)
-    return shape.n_layer * (self_attn + cross + mlp) + _linear(l, d, shape.n_vocab)
+    n_tok, t, d = n_tokens, n_audio, shape.n_state
+    self_attn = 4 * _linear(n_tok, d, d) + 2 * (2 * n_tok * n_tok * d)
+    cross = 2 * _linear(n_tok, d, d) + 2 * _linear(t, d, d) + 2 * (2 * n_tok * t * d)
+    mlp = _linear(n_tok, d, 4 * d) + _linear(n_tok, 4 * d, d)
+    return shape.n_layer * (self_attn + cross + mlp) + _linear(n_tok, d, shape.n_vocab)
 
 
 def _lora_layers(shape: Shape, n_tokens: int, targets: Iterable[str]) -> list:
     """(stack, target, rows, d_in, d_out) of each adapted layer of one block, for both stacks."""
-    t, l, d = N_AUDIO_CTX, n_tokens, shape.n_state
+    t, n_tok, d = N_AUDIO_CTX, n_tokens, shape.n_state
     layers = []
     for target in targets:
         d_in, d_out = {"mlp1": (d, 4 * d), "mlp2": (4 * d, d)}.get(target, (d, d))
         if target.startswith("cross_attn."):
             # cross-attention keys/values read the encoder output (T rows), query/out the text
-            rows = t if target.endswith((".key", ".value")) else l
+            rows = t if target.endswith((".key", ".value")) else n_tok
             layers.append(("decoder", target, rows, d_in, d_out))
         else:
             layers.append(("encoder", target, t, d_in, d_out))
-            layers.append(("decoder", target, l, d_in, d_out))
+            layers.append(("decoder", target, n_tok, d_in, d_out))
     return layers
 
 
@@ -101,7 +101,7 @@ def lora_step_flops(shape: Shape, batch: int, n_tokens: int = 64, rank: int = 8,
                     targets: Iterable[str] = DEFAULT_TARGETS) -> Dict[str, int]:
     """Forward, backward and total FLOPs of one LoRA training step over `batch` clips."""
     targets = list(targets)
-    t, l, d, n = N_AUDIO_CTX, n_tokens, shape.n_state, shape.n_layer
+    t, n_tok, d, n = N_AUDIO_CTX, n_tokens, shape.n_state, shape.n_layer
     layers = _lora_layers(shape, n_tokens, targets)
     # x @ A is (rows, d_in) x (d_in, r), z @ B is (rows, r) x (r, d_out).
     lora_fwd = n * sum(2 * rows * (d_in + d_out) * rank for _, _, rows, d_in, d_out in layers)
@@ -113,12 +113,12 @@ def lora_step_flops(shape: Shape, batch: int, n_tokens: int = 64, rank: int = 8,
     enc_bwd = n * (4 * _linear(t, d, d) + t * mlp + 2 * enc_attn)
     # block 0: the q/k/v projections' inputs are frozen, and its attention needs fewer grads
     enc_bwd -= 3 * _linear(t, d, d) + 2 * enc_attn - _first_block_attention_backward(t, t, d, targets)
-    dec_self_attn = 2 * (2 * l * l * d)
-    dec_cross_attn = 2 * (2 * l * t * d)
-    dec_block = (4 * _linear(l, d, d) + 2 * dec_self_attn + 2 * _linear(l, d, d) + 2 * _linear(t, d, d)
-                 + 2 * dec_cross_attn + l * mlp)
-    dec_bwd = n * dec_block + _linear(l, d, shape.n_vocab)  # + dX of the tied vocabulary projection
-    dec_bwd -= 3 * _linear(l, d, d) + 2 * dec_self_attn - _first_block_attention_backward(l, l, d, targets)
+    dec_self_attn = 2 * (2 * n_tok * n_tok * d)
+    dec_cross_attn = 2 * (2 * n_tok * t * d)
+    dec_block = (4 * _linear(n_tok, d, d) + 2 * dec_self_attn + 2 * _linear(n_tok, d, d) + 2 * _linear(t, d, d)
+                 + 2 * dec_cross_attn + n_tok * mlp)
+    dec_bwd = n * dec_block + _linear(n_tok, d, shape.n_vocab)  # + dX of the tied vocabulary projection
+    dec_bwd -= 3 * _linear(n_tok, d, d) + 2 * dec_self_attn - _first_block_attention_backward(n_tok, n_tok, d, targets)
     # LoRA: dz = dY B^T, dB, dA (3 products) and dX = dz A^T, except where x is frozen (block 0 q/k/v).
     lora_bwd = n * sum(4 * rows * (d_in + d_out) * rank for _, _, rows, d_in, d_out in layers)
     lora_bwd -= sum(2 * rows * d_in * rank for _, target, rows, d_in, _ in layers

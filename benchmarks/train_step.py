@@ -13,14 +13,14 @@ Writes train_step.json / train_step.md under --out-dir or $OUT when set.
 """
 
 import argparse
-import os
 import sys
-import time
+import warnings
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, emit_result, fmt, markdown_table, out_dir, run_worker, summary,  # noqa: E402
-                    time_calls, write_results)
+from common import (ROOT, fmt, markdown_table, out_dir, run_worker, seconds_left, summary,  # noqa: E402
+                    time_calls, worker_main, write_results)
 from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops  # noqa: E402
 
 FRAMEWORKS = ("mlx", "torch-sdpa", "torch-eager")
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-steps", type=int, default=5)
     p.add_argument("--torch-python", default=sys.executable, help="interpreter with torch/transformers/peft")
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
-    p.add_argument("--budget", type=float, default=None, help="start no configuration after this many seconds")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time: start no configuration within 30 s of it, and stop a running one there")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="for MFU (H100 SXM bf16 dense)")
     p.add_argument("--smoke", action="store_true", help="allow CPU and skip PyTorch when it is not installed")
     p.add_argument("--out-dir", default=None, help="default: $OUT when set")
@@ -134,7 +135,11 @@ def mlx_stages(args, model, trainer, batch, loss_fn, nn) -> dict:
     for name, fn in stages.items():
         mx.clear_cache()
         mx.reset_peak_memory()
-        times = time_calls(lambda: (fn(), mx.synchronize()), 2, args.stage_steps)
+        try:
+            times = time_calls(lambda: (fn(), mx.synchronize()), 2, args.stage_steps)
+        except Exception as error:  # out of memory in one stage keeps the others
+            out[name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
+            continue
         out[name] = dict(summary(times), peak_gb=mx.get_peak_memory() / 1e9)
         print(f"  mlx {args.size} b{args.batch} {name}: {1e3 * out[name]['median_s']:.1f} ms, "
               f"peak {out[name]['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
@@ -169,6 +174,8 @@ def torch_worker(args) -> dict:
         if args.smoke:
             return {"skipped": f"{error.name} is not installed (smoke mode)"}
         raise
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise SystemExit("PyTorch sees no CUDA device; the benchmark needs the GPU (or pass --smoke)")
@@ -213,8 +220,12 @@ def torch_worker(args) -> dict:
         for name, fn in stages.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                times = time_calls(lambda: (fn(), sync()), 2, args.stage_steps)
+            try:
+                with torch.no_grad():
+                    times = time_calls(lambda: (fn(), sync()), 2, args.stage_steps)
+            except Exception as error:  # out of memory in one stage keeps the others
+                result["stages"][name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
+                continue
             result["stages"][name] = dict(summary(times),
                                           peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None)
     return result
@@ -232,12 +243,12 @@ def add_rates(result: dict, size: str, batch: int, tokens: int, peak_tflops: flo
     stage_flops = {"encoder_forward": flops["encoder_forward"], "forward": flops["forward"],
                    "decoder_forward": flops["decoder_forward"], "forward_backward": flops["total"]}
     for name, stage in result.get("stages", {}).items():
-        if name in stage_flops:
+        if name in stage_flops and "median_s" in stage:
             stage["tflops"] = stage_flops[name] / stage["median_s"] / 1e12
     return result
 
 
-def run_all(args) -> list:
+def run_all(args, save) -> list:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -245,27 +256,24 @@ def run_all(args) -> list:
         unknown = [v for v in value if v not in known]
         if unknown:
             raise SystemExit(f"unknown {unknown}; choose from {list(known)}")
-    start, rows = time.perf_counter(), []
+    rows = []
     for size in sizes:
         for batch in batches:
             for framework in frameworks:
                 row = {"framework": framework, "size": size, "batch": batch}
-                if args.budget is not None and time.perf_counter() - start > args.budget:
-                    rows.append(dict(row, skipped="time budget spent"))
+                if seconds_left(args.deadline) < 30:
+                    rows.append(dict(row, skipped="deadline reached"))
                     continue
                 python = sys.executable if framework == "mlx" else args.torch_python
                 cmd = [python, str(Path(__file__).resolve()), "--worker", framework, "--size", size,
                        "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype, "--warmup", str(args.warmup),
                        "--steps", str(args.steps), "--stage-steps", str(args.stage_steps)]
                 cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke
-                result = run_worker(cmd, args.timeout, env={"PYTHONPATH": _pythonpath()})
+                result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(add_rates(dict(row, **result), size, batch, args.tokens, args.peak_tflops))
                 print(f"{framework} {size} b{batch}: {one_line(rows[-1])}", file=sys.stderr, flush=True)
+                save(rows)  # after every configuration: a killed run keeps what it measured
     return rows
-
-
-def _pythonpath() -> str:
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def one_line(row: dict) -> str:
@@ -273,6 +281,18 @@ def one_line(row: dict) -> str:
         return row.get("error") or row.get("skipped") or "no result"
     return (f"{row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
             f"peak {fmt(row.get('peak_gb'), '.2f')} GB, {row['tflops']:.3g} TFLOP/s, MFU {100 * row['mfu']:.1f}%")
+
+
+STAGES = ["encoder_forward", "decoder_forward", "forward", "forward_backward", "step_uncompiled"]
+
+
+def _stage_cell(stage: Optional[dict]) -> str:
+    if stage is None:
+        return "–"
+    if "error" in stage:
+        return "error"
+    tflops = f", {stage['tflops']:.0f} TFLOP/s" if stage.get("tflops") else ""
+    return f"{1e3 * stage['median_s']:.1f} ({fmt(stage.get('peak_gb'), '.1f')} GB{tflops})"
 
 
 def tables(rows: list, peak_tflops: float) -> str:
@@ -283,36 +303,36 @@ def tables(rows: list, peak_tflops: float) -> str:
              (r.get("error") or r.get("skipped") or "")[:80]] for r in rows]
     text = markdown_table(["size", "batch", "framework", "samples/s", "target tokens/s", "peak GB", "step ms",
                            "TFLOP/s", f"MFU % (of {peak_tflops:.0f})", "note"], main)
-    staged = [r for r in rows if r.get("stages")]
-    if staged:
-        names = ["encoder_forward", "decoder_forward", "forward", "forward_backward", "step_uncompiled"]
-        stage_rows = []
-        for r in staged:
-            cells = []
-            for name in names:
-                s = r["stages"].get(name)
-                cells.append("–" if s is None else f"{1e3 * s['median_s']:.1f} ({fmt(s.get('peak_gb'), '.1f')} GB)")
-            backward = (r["step"]["median_s"] - r["stages"]["forward"]["median_s"]) if "forward" in r["stages"] else None
-            stage_rows.append([r["size"], r["batch"], r["framework"], *cells,
-                               f"{1e3 * r['step']['median_s']:.1f}", fmt(1e3 * backward if backward else None, ".1f")])
-        text += "\n\nStages, ms (peak GB): forward-only stages run without gradients; backward+update = step - forward\n\n"
-        text += markdown_table(["size", "batch", "framework", *names, "step (compiled for MLX)",
-                                "backward+update"], stage_rows)
-    return text
+    staged = [r for r in rows if r.get("stages") and "step" in r]
+    if not staged:
+        return text
+    stage_rows = []
+    for r in staged:
+        forward = r["stages"].get("forward", {})
+        backward = r["step"]["median_s"] - forward["median_s"] if "median_s" in forward else None
+        stage_rows.append([r["size"], r["batch"], r["framework"], *(_stage_cell(r["stages"].get(n)) for n in STAGES),
+                           f"{1e3 * r['step']['median_s']:.1f}", fmt(1e3 * backward if backward else None, ".1f")])
+    text += ("\n\nStages, ms (peak GB, TFLOP/s): forward-only stages run without gradients; "
+             "backward+update = step - forward\n\n")
+    return text + markdown_table(["size", "batch", "framework", *STAGES, "step (MLX: compiled)",
+                                  "backward+update"], stage_rows)
 
 
 def main() -> int:
     args = build_parser().parse_args()
     if args.worker is not None:
         sys.path.insert(0, str(ROOT))
-        emit_result(mlx_worker(args) if args.worker == "mlx" else torch_worker(args))
-        return 0
-    rows = run_all(args)
-    text = tables(rows, args.peak_tflops)
-    payload = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "batch")},
-               "flop_formula": "benchmarks/flops.py lora_step_flops", "rows": rows}
-    write_results(out_dir(args.out_dir), args.name, payload, text)
-    print(text)
+        return worker_main(mlx_worker if args.worker == "mlx" else torch_worker, args)
+    folder = out_dir(args.out_dir)
+
+    def save(rows):
+        payload = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "batch")},
+                   "flop_formula": "benchmarks/flops.py lora_step_flops", "rows": rows}
+        write_results(folder, args.name, payload, tables(rows, args.peak_tflops))
+
+    rows = run_all(args, save)
+    save(rows)
+    print(tables(rows, args.peak_tflops))
     failed = [r for r in rows if "error" in r and "skipped" not in r]
     return 1 if failed and not args.smoke else 0
 

@@ -17,8 +17,6 @@ Writes transcribe_speed.json / .md under --out-dir or $OUT when set.
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, emit_result, markdown_table, out_dir, run_worker, summary, write_results  # noqa: E402
+from common import ROOT, markdown_table, out_dir, run_worker, summary, worker_main, write_results  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CLIP_SECONDS, GAP_SECONDS = 28.0, 0.3
@@ -39,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fw-python", default="/tmp/fw-venv/bin/python", help="interpreter with faster-whisper")
     p.add_argument("--fw-model", default="/tmp/fw-base-ct2", help="CTranslate2 whisper-base folder")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per side and round, after one warm-up")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternate faster-whisper and ours this many times (a shared CPU's load hits both)")
     p.add_argument("--without-timestamps", action="store_true")
     p.add_argument("--decode-only", action="store_true", help="time decoding.decode on the window, not transcribe()")
     p.add_argument("--skip-fw", action="store_true")
@@ -145,23 +145,24 @@ def ours_runner(args, audio):
     return run, timer, "models.decoding.decode (one window)"
 
 
-def time_ours(args, audio) -> dict:
-    run, timer, path = ours_runner(args, audio)
-    text = run()  # warm-up
-    totals, stages = [], []
-    for _ in range(args.runs):
+def time_ours(run, timer, runs: int) -> list:
+    """[(seconds, {stage: seconds}, {stage: calls})] of `runs` transcriptions."""
+    out = []
+    for _ in range(runs):
         timer.reset()
         tic = time.perf_counter()
         run()
-        totals.append(time.perf_counter() - tic)
-        stages.append((dict(timer.seconds), dict(timer.calls)))
-    timer.restore()
-    best = statistics.median(totals)
-    seconds, calls = stages[totals.index(sorted(totals)[len(totals) // 2])]
-    tokens = calls.get("decode: per-token model step", 0) + calls.get("decode: prompt step", 0)
-    seconds["other (tokenizer, segments, glue)"] = best - sum(seconds.values())
+        total = time.perf_counter() - tic
+        out.append((total, dict(timer.seconds), dict(timer.calls)))
+    return out
+
+
+def ours_summary(path: str, text: str, runs: list) -> dict:
+    totals = [total for total, _, _ in runs]
+    total, seconds, calls = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run's stages
+    seconds["other (tokenizer, segments, glue)"] = total - sum(seconds.values())
     return {"path": path, "text": text, "total": summary(totals), "stages_s": seconds, "calls": calls,
-            "decoder_calls": tokens}
+            "windows": calls.get("decode: prompt step", 0)}
 
 
 # ----------------------------------------------------------------------------- faster-whisper
@@ -178,9 +179,10 @@ def fw_worker(args) -> dict:
                                        without_timestamps=args.without_timestamps, word_timestamps=False,
                                        condition_on_previous_text=True)
         segments = list(segments)
-        return " ".join(s.text.strip() for s in segments), sum(len(s.tokens) for s in segments), len(segments)
+        return (" ".join(s.text.strip() for s in segments), sum(len(s.tokens) for s in segments), len(segments),
+                len({s.seek for s in segments}))
 
-    text, n_tokens, n_segments = run()  # warm-up
+    text, n_tokens, n_segments, n_windows = run()  # warm-up
     totals = []
     for _ in range(args.runs):
         tic = time.perf_counter()
@@ -198,20 +200,39 @@ def fw_worker(args) -> dict:
         model.encode(window)
         encode_times.append(time.perf_counter() - tic)
     return {"version": faster_whisper.__version__, "text": text, "tokens": n_tokens, "segments": n_segments,
-            "total": summary(totals), "stages_s": {"mel": mel_s, "encoder": statistics.median(encode_times)}}
+            "windows": n_windows, "totals": totals, "total": summary(totals),
+            "stages_s": {"mel": mel_s, "encoder": statistics.median(encode_times)}}
 
 
 # ----------------------------------------------------------------------------- report
-def report(ours: dict, fw: dict, clip_s: float, args) -> str:
+def run_fw(args, audio_path: Path) -> dict:
+    cmd = [args.fw_python, str(Path(__file__).resolve()), "--worker", "faster-whisper", "--audio", str(audio_path),
+           "--fw-model", args.fw_model, "--threads", str(args.threads), "--runs", str(args.runs)]
+    return run_worker(cmd + ["--without-timestamps"] * args.without_timestamps, timeout=900,
+                      env={"OMP_NUM_THREADS": str(args.threads)})
+
+
+def merge_fw(rounds: list) -> dict:
+    good = [r for r in rounds if "total" in r]
+    if not good:
+        return rounds[-1]
+    merged = dict(good[-1])
+    merged["totals"] = [t for r in good for t in r["totals"]]
+    merged["total"] = summary(merged["totals"])
+    return merged
+
+
+def report(ours: dict, fw: dict, ratios: list, clip_s: float) -> str:
     rows = [["ours (MLX, float32, OpenBLAS)", f"{ours['total']['median_s']:.3f}",
-             f"{ours['total']['median_s'] / clip_s:.3f}", ours["path"]]]
+             f"{ours['total']['median_s'] / clip_s:.3f}", f"{ours['windows']} windows; {ours['path']}"]]
     if "total" in fw:
         rows.append([f"faster-whisper {fw['version']} (CT2 float32)", f"{fw['total']['median_s']:.3f}",
-                     f"{fw['total']['median_s'] / clip_s:.3f}", f"{fw['segments']} segments"])
+                     f"{fw['total']['median_s'] / clip_s:.3f}", f"{fw['windows']} windows, {fw['segments']} segments"])
     text = markdown_table(["implementation", "seconds (median)", "real-time factor", "note"], rows)
-    if "total" in fw:
-        ratio = ours["total"]["median_s"] / fw["total"]["median_s"]
-        text += f"\n\nours / faster-whisper = {ratio:.2f}x (target <= 3x); texts equal: {ours['text'] == fw['text']}"
+    if ratios:
+        text += (f"\n\nours / faster-whisper = {statistics.median(ratios):.2f}x (median over rounds: "
+                 f"{', '.join(f'{r:.2f}' for r in ratios)}; target <= 3x); "
+                 f"texts equal: {ours['text'] == fw['text']}")
     stage_rows = [[name, f"{1e3 * sec:.1f}", ours["calls"].get(name, ""),
                    f"{1e3 * sec / ours['calls'][name]:.2f}" if ours["calls"].get(name) else ""]
                   for name, sec in ours["stages_s"].items()]
@@ -225,8 +246,7 @@ def report(ours: dict, fw: dict, clip_s: float, args) -> str:
 def main() -> int:
     args = build_parser().parse_args()
     if args.worker == "faster-whisper":
-        emit_result(fw_worker(args))
-        return 0
+        return worker_main(fw_worker, args)
     sys.path.insert(0, str(Path(args.code_root).resolve()))
     from models.blas import ensure_fast_blas
 
@@ -234,19 +254,26 @@ def main() -> int:
     import numpy as np
 
     audio, names = build_clip()
-    fw = {"skipped": "--skip-fw"}
-    if not args.skip_fw:
-        with tempfile.TemporaryDirectory() as tmp:
-            np.save(Path(tmp) / "clip.npy", audio)
-            cmd = [args.fw_python, str(Path(__file__).resolve()), "--worker", "faster-whisper", "--audio",
-                   str(Path(tmp) / "clip.npy"), "--fw-model", args.fw_model, "--threads", str(args.threads),
-                   "--runs", str(args.runs)] + ["--without-timestamps"] * args.without_timestamps
-            fw = run_worker(cmd, timeout=900, env={"OMP_NUM_THREADS": str(args.threads)})
-    ours = time_ours(args, audio)
-    text = report(ours, fw, len(audio) / 16000, args)
-    payload = {"code_root": args.code_root, "clip": {"seconds": len(audio) / 16000, "files": names, "gap_s": GAP_SECONDS},
-               "threads": args.threads, "without_timestamps": args.without_timestamps, "ours": ours,
-               "faster_whisper": fw}
+    run, timer, path = ours_runner(args, audio)
+    text = run()  # warm-up
+    fw_rounds, ours_runs, ratios = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "clip.npy", audio)
+        for _ in range(args.rounds):
+            if not args.skip_fw:
+                fw_rounds.append(run_fw(args, Path(tmp) / "clip.npy"))
+            runs = time_ours(run, timer, args.runs)
+            ours_runs += runs
+            if fw_rounds and "total" in fw_rounds[-1]:
+                ratios.append(statistics.median(r[0] for r in runs) / fw_rounds[-1]["total"]["median_s"])
+    timer.restore()
+    ours = ours_summary(path, text, ours_runs)
+    fw = merge_fw(fw_rounds) if fw_rounds else {"skipped": "--skip-fw"}
+    text = report(ours, fw, ratios, len(audio) / 16000)
+    clip = {"seconds": len(audio) / 16000, "files": names, "gap_s": GAP_SECONDS}
+    payload = {"code_root": args.code_root, "clip": clip,
+               "threads": args.threads, "without_timestamps": args.without_timestamps, "rounds": args.rounds,
+               "ours": ours, "faster_whisper": fw, "ratios_per_round": ratios}
     write_results(out_dir(args.out_dir), args.name, payload, text)
     print(f"clip: {len(names)} en-read files, {len(audio) / 16000:.1f} s; ours: {ours['text']!r}")
     print(f"faster-whisper: {fw.get('text', fw)!r}\n")

@@ -40,24 +40,31 @@ def load_audio(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> np.ndarr
         if path.stat().st_size == 0:
             raise AudioError(f"{name}: the file is empty")
     try:
-        audio, file_sr = _read_soundfile(file)
-    except Exception as soundfile_error:  # soundfile raises several types; ffmpeg may still cope
+        sound = _open_soundfile(file)
+    except Exception as soundfile_error:  # a format soundfile does not know; ffmpeg may still cope
         if shutil.which("ffmpeg") is None:
             raise AudioError(
                 f"{name}: could not decode audio ({soundfile_error}); install ffmpeg to read more formats"
             ) from None
         return _read_ffmpeg(file, sr, name)
+    try:
+        with sound:
+            audio, file_sr = sound.read(dtype="float32", always_2d=True).mean(axis=1), sound.samplerate
+    except Exception as error:  # the header was readable, the data is not: ffmpeg would hide the damage
+        raise AudioError(
+            f"{name}: truncated or corrupt {sound.format} file ({error}); re-export it or leave it out"
+        ) from None
     if audio.size == 0:
         raise AudioError(f"{name}: the file holds no audio samples")
+    if not np.isfinite(audio).all():  # float files can hold NaN/inf, which would make the training loss NaN
+        raise AudioError(f"{name}: the file holds NaN or infinite samples; re-export it or leave it out")
     return resample(audio, file_sr, sr)
 
 
-def _read_soundfile(file):
+def _open_soundfile(file):
     import soundfile
 
-    source = io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else str(file)
-    audio, file_sr = soundfile.read(source, dtype="float32", always_2d=True)
-    return audio.mean(axis=1), file_sr
+    return soundfile.SoundFile(io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else str(file))
 
 
 def _read_ffmpeg(file, sr: int, name: str) -> np.ndarray:

@@ -86,6 +86,10 @@ class DroppedExample(Exception):
         self.reason, self.detail = reason, detail
 
 
+class DatasetLoadError(RuntimeError):
+    """A Hub dataset could not be reached or found; the message says what to check."""
+
+
 # ---------------------------------------------------------------- local folders
 
 
@@ -194,14 +198,15 @@ def _text(value) -> str:
 
 
 def _read_csv(path: Path) -> List[Tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # surrogateescape: a row with bytes that are not UTF-8 is dropped later (label_tokens), not the whole file.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         return [(reader.line_num, row) for row in reader]
 
 
 def _read_jsonl(path: Path) -> List[Tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # see _read_csv
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -234,7 +239,7 @@ def load_hf_dataset(name, config: Optional[str] = None, split: str = "train", *,
         try:
             dataset = datasets.load_dataset(name, config, split=split, streaming=streaming)
         except Exception as e:
-            raise RuntimeError(
+            raise DatasetLoadError(
                 f"could not load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): {e}. "
                 "Check the dataset name, config and split, your network connection, and HF_TOKEN (gated datasets)."
             ) from e
@@ -286,24 +291,27 @@ class HubExamples:
 
 
 def prepare_examples(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int,
-                     default_language: Optional[str],
-                     max_label_tokens: int = MAX_LABEL_TOKENS) -> Tuple[List[Features], DropReport]:
+                     default_language: Optional[str], max_label_tokens: int = MAX_LABEL_TOKENS,
+                     verbose: bool = True) -> Tuple[List[Features], DropReport]:
     """Log-mel features and label tokens of every usable example, and a report of the others.
 
-    Dropped: empty transcripts, unknown languages, labels over `max_label_tokens`, audio over
+    Dropped: empty or non-UTF-8 transcripts, unknown languages, labels over `max_label_tokens`, audio over
     30 s, and missing or unreadable audio files (each reported; loading carries on).
+    `verbose=False` hides the progress bar and the messages (distributed ranks other than 0).
     """
     report = DropReport()
     total = len(examples) if hasattr(examples, "__len__") else None
-    progress = tqdm(examples, total=total, desc="Preparing audio", unit="clip", leave=False)
-    features = list(iter_features(progress, tokenizer, n_mels, default_language, report, max_label_tokens))
+    progress = tqdm(examples, total=total, desc="Preparing audio", unit="clip", leave=False, disable=not verbose)
+    features = list(iter_features(progress, tokenizer, n_mels, default_language, report, max_label_tokens, verbose))
     return features, report
 
 
 def iter_features(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, default_language: Optional[str],
-                  report: DropReport, max_label_tokens: int = MAX_LABEL_TOKENS) -> Iterator[Features]:
-    """Features of each usable example, lazily; drops are counted in `report`."""
-    printed = 0
+                  report: DropReport, max_label_tokens: int = MAX_LABEL_TOKENS,
+                  verbose: bool = True) -> Iterator[Features]:
+    """Features of each usable example, lazily; drops are counted in `report` (and the first
+    unreadable files printed, when `verbose`)."""
+    printed = 0 if verbose else MAX_PRINTED_PROBLEMS
     for example in examples:
         report.total += 1
         try:
@@ -326,6 +334,10 @@ def label_tokens(tokenizer: Tokenizer, text: str, language: Optional[str],
     text = text.strip()
     if not text:
         raise DroppedExample("empty transcript")
+    undecodable = next((c for c in text if "\udc80" <= c <= "\udcff"), None)  # kept by surrogateescape
+    if undecodable is not None:
+        raise DroppedExample("non-UTF-8 text", f"byte 0x{ord(undecodable) - 0xdc00:02x} is not UTF-8; "
+                                               f"save the manifest as UTF-8")
     english_only = tokenizer.encoding.name.startswith("gpt2")  # the vocabulary of the .en models
     try:
         code = None if language is None else _language(language)
@@ -479,7 +491,8 @@ def stream_batches(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: in
     _check_world(batch_size, rank, world_size)
     report = DropReport() if report is None else report
     pending: List[Features] = []
-    for feature in iter_features(examples, tokenizer, n_mels, default_language, report, max_label_tokens):
+    for feature in iter_features(examples, tokenizer, n_mels, default_language, report, max_label_tokens,
+                                 verbose=rank == 0):
         pending.append(feature)
         if len(pending) == batch_size:
             yield _rank_slice(pending, rank, world_size, pad_to_multiple, None)

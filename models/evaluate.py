@@ -8,7 +8,7 @@ import numpy as np
 
 from .data import Features, collate
 from .decoding import DecodingOptions, DecodingTask
-from .metrics import cer, wer
+from .metrics import char_errors, word_errors
 from .tokenizer import Tokenizer
 
 
@@ -73,18 +73,36 @@ def greedy_predictions(model, tokenizer: Tokenizer, features: Sequence[Features]
 
 
 def evaluate(model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int, loss_fn,
-             decode: bool = True) -> EvalResult:
-    """Validation loss and, with `decode`, greedy WER/CER of `features`."""
+             decode: bool = True, world=None) -> EvalResult:
+    """Validation loss and, with `decode`, greedy WER/CER of `features`.
+
+    With a distributed `world`, each rank scores every world.size()-th clip and the loss and the
+    edit counts are summed over ranks: every rank returns the same numbers, but `predictions`
+    holds only this rank's clips.
+    """
+    world = world if world is not None and world.size() > 1 else None
+    shard = features if world is None else features[world.rank() :: world.size()]
     was_training = model.training
     model.eval()
     try:
-        loss, n_tokens = validation_loss(model, features, batch_size, loss_fn)
+        loss, n_tokens = validation_loss(model, shard, batch_size, loss_fn, world)
         result = EvalResult(loss, n_tokens)
-        if decode and features:
-            result.predictions = greedy_predictions(model, tokenizer, features, batch_size)
-            refs = [p["ref"] for p in result.predictions]
-            hyps = [p["hyp"] for p in result.predictions]
-            result.wer, result.cer = wer(refs, hyps), cer(refs, hyps)
+        if decode and features:  # all ranks take part, even one whose shard is empty
+            result.predictions = greedy_predictions(model, tokenizer, shard, batch_size)
+            result.wer, result.cer = error_rates(result.predictions, world)
     finally:
         model.train(was_training)
     return result
+
+
+def error_rates(predictions: List[dict], world=None) -> tuple:
+    """Corpus (WER, CER) of {"ref", "hyp"} predictions, the edit counts summed over `world`'s ranks."""
+    counts = [0, 0, 0, 0]  # word edits, reference words, char edits, reference chars
+    for p in predictions:
+        (we, wn), (ce, cn) = word_errors(p["ref"], p["hyp"]), char_errors(p["ref"], p["hyp"])
+        counts = [counts[0] + we, counts[1] + wn, counts[2] + ce, counts[3] + cn]
+    if world is not None:
+        counts = mx.distributed.all_sum(mx.array(counts, dtype=mx.int32), group=world).tolist()
+    if counts[1] == 0 or counts[3] == 0:
+        raise ValueError("references are empty after normalisation: the error rate is undefined")
+    return counts[0] / counts[1], counts[2] / counts[3]

@@ -52,8 +52,8 @@ def load_splits(args, world=None) -> Dict[str, object]:
     return splits
 
 
-def featurize(examples, tokenizer, n_mels, language, what: str, log) -> List[D.Features]:
-    features, report = D.prepare_examples(examples, tokenizer, n_mels, language)
+def featurize(examples, tokenizer, n_mels, language, what: str, log, verbose: bool = True) -> List[D.Features]:
+    features, report = D.prepare_examples(examples, tokenizer, n_mels, language, verbose=verbose)
     log(f"{what}: {report}")
     return features
 
@@ -72,7 +72,7 @@ def cache_encoder_outputs(model, features: List[D.Features], batch_size: int) ->
 def run(args) -> int:
     from utils import load_adapters, load_model, save_adapters, write_json_atomic
 
-    world = mx.distributed.init() if _launched_distributed() else None
+    world = init_distributed()
     rank = 0 if world is None else world.rank()
     log = print if rank == 0 else (lambda *a, **k: None)
     mx.random.seed(args.seed)
@@ -87,7 +87,7 @@ def run(args) -> int:
         if (adapter_path / "adapter_config.json").is_file():
             load_adapters(model, adapter_path)
             log(f"Loaded adapters from {adapter_path}")
-        return run_test(args, model, tokenizer, splits, log)
+        return run_test(args, model, tokenizer, splits, log) if rank == 0 else 0
     if (adapter_path / "adapters.safetensors").exists() and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {adapter_path} already holds adapters; pass --resume to continue that run, "
                          f"--overwrite to replace them, or another --adapter-path")
@@ -96,9 +96,10 @@ def run(args) -> int:
     log(f"Trainable parameters: {trainable_parameter_count(model) / 1e6:.3f}M of "
         f"{parameter_count(model) / 1e6:.1f}M ({100 * trainable_parameter_count(model) / parameter_count(model):.2f}%)")
     n_mels = model.dims.n_mels
-    val = featurize(splits.get("validation", []), tokenizer, n_mels, args.language, "validation", log)
+    val = featurize(splits.get("validation", []), tokenizer, n_mels, args.language, "validation", log, rank == 0)
     streaming = args.streaming and args.hf_dataset is not None
-    train_set = [] if streaming else featurize(splits["train"], tokenizer, n_mels, args.language, "train", log)
+    train_set = [] if streaming else featurize(splits["train"], tokenizer, n_mels, args.language, "train", log,
+                                               rank == 0)
     if not streaming and not train_set:
         raise SystemExit("error: no usable training examples (see the report above)")
     if lora_config.freeze_encoder:
@@ -126,7 +127,7 @@ def run(args) -> int:
         return 1
     if rank == 0:
         log(f"Saved adapters to {adapter_path}; final validation: {json.dumps(final)}")
-    if args.test:
+    if args.test and rank == 0:  # test predictions are not sharded: rank 0 scores them alone
         return run_test(args, model, tokenizer, splits, log)
     return 0
 
@@ -172,4 +173,19 @@ def run_test(args, model, tokenizer, splits, log) -> int:
 def _launched_distributed() -> bool:
     import os
 
+    # mlx.launch sets MLX_RANK for every backend (ring, nccl, jaccl); mpirun sets OMPI_COMM_WORLD_RANK.
     return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR"))
+
+
+def init_distributed() -> Optional[mx.distributed.Group]:
+    """The process group when started by mlx.launch or mpirun, else None (one process)."""
+    import os
+
+    if not _launched_distributed():
+        return None
+    world = mx.distributed.init()
+    rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    if world.size() == 1 and rank > 0:  # init() falls back to one process when no backend starts
+        raise SystemExit(f"error: launched as rank {rank}, but no distributed backend could start; "
+                         f"check the hosts, ports and --backend given to mlx.launch")
+    return world

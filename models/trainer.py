@@ -1,5 +1,6 @@
 """LoRA training loop: compiled steps, schedules, evaluation with real decoding, checkpoints, resume."""
 
+import io
 import json
 import math
 import signal
@@ -43,6 +44,9 @@ class TrainingArgs:
     best_metric: str = "cer"  # wer | cer | loss: which validation number picks the best adapter
     sort_window: Optional[int] = 8  # length-bucketed batches (less padding)
     pad_to_multiple: int = 64  # few distinct token lengths, so the compiled step is rarely rebuilt
+    # Stop after this step as Ctrl-C would (save a resumable checkpoint, return): tests use it to
+    # interrupt a run at a known step; the schedule still follows `iters`.
+    stop_after: Optional[int] = None
 
 
 def build_schedule(args: TrainingArgs) -> Callable:
@@ -76,8 +80,17 @@ def loss_fn(model: nn.Module, mel: mx.array, inputs: mx.array, targets: mx.array
     return losses.sum() / mx.maximum(n_tokens, 1), n_tokens
 
 
-def _all_sum(x, world: Optional[mx.distributed.Group]):
-    return x if world is None or world.size() == 1 else mx.distributed.all_sum(x, group=world)
+def _all_sum(tree, world: Optional[mx.distributed.Group]):
+    """Sum the arrays of `tree` (as float32) over the ranks of `world` in one all_sum: one message
+    per step rather than one per LoRA tensor, which would be latency-bound."""
+    if world is None or world.size() == 1:
+        return tree
+    leaves = tree_flatten(tree)
+    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
+    flat = mx.distributed.all_sum(flat, group=world)
+    offsets = np.cumsum([0] + [v.size for _, v in leaves]).tolist()
+    return tree_unflatten([(k, flat[o : o + v.size].reshape(v.shape))
+                           for (k, v), o in zip(leaves, offsets)])
 
 
 class Trainer:
@@ -110,8 +123,9 @@ class Trainer:
 
         @partial(mx.compile, inputs=state, outputs=state)
         def apply(loss_sum, n_tokens, grads):
-            loss_sum, n_tokens = _all_sum(loss_sum, self.world), _all_sum(n_tokens, self.world)
-            grads = tree_map(lambda g: _all_sum(g, self.world) / mx.maximum(n_tokens, 1), grads)
+            total = _all_sum({"loss": loss_sum, "tokens": n_tokens, "grads": grads}, self.world)
+            loss_sum, n_tokens = total["loss"], total["tokens"]
+            grads = tree_map(lambda g: g / mx.maximum(n_tokens, 1), total["grads"])
             if args.grad_clip is not None:
                 grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
             optimizer.update(model, grads)
@@ -144,16 +158,26 @@ class Trainer:
 
 
 def _checkpoint_blocks(model):
-    """Recompute each residual block in the backward pass instead of keeping its activations."""
+    """Recompute each residual block in the backward pass instead of keeping its activations.
+
+    The block class is patched once, but only blocks of `model` are checkpointed: other models
+    (a decoding run, a test's reference model) keep the plain forward pass. Dropout is refused:
+    the recomputation would draw other masks than the forward pass, and the gradients would be wrong.
+    """
+    if any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
+        raise ValueError("--grad-checkpoint cannot be combined with dropout (--lora-dropout > 0): the "
+                         "recomputed forward pass would draw other dropout masks; drop one of the two")
     for blocks in (model.encoder.blocks, model.decoder.blocks):
         for block in blocks:
+            block._grad_checkpoint = True
             block_class = type(block)
             if getattr(block_class, "_checkpointed", False):
                 continue
             original = block_class.__call__
 
             def checkpointed(self, x, *args, _original=original, **kwargs):
-                if not self.training or kwargs.get("kv_cache") is not None or kwargs.get("return_qk"):
+                if (not getattr(self, "_grad_checkpoint", False) or not self.training
+                        or kwargs.get("kv_cache") is not None or kwargs.get("return_qk")):
                     return _original(self, x, *args, **kwargs)
 
                 def inner(params, x, *inner_args):
@@ -185,21 +209,49 @@ def save_resume_state(trainer: "Trainer", folder: Path, step: int, extra: dict) 
 
 
 def load_resume_state(trainer: "Trainer", folder: Path) -> tuple:
-    """Restore what `save_resume_state` wrote; returns (step, extra)."""
+    """Restore what `save_resume_state` wrote; returns (step, extra).
+
+    In a distributed run every rank loads rank 0's file (sent over the group), so other
+    machines need no copy of the folder.
+    """
     path = Path(folder) / RESUME_FILE
-    if not path.is_file():
+    data = _read_on_rank0(path, trainer.world)
+    if data is None:
         raise FileNotFoundError(f"{path}: nothing to resume from; train without --resume first")
-    arrays, metadata = mx.load(str(path), return_metadata=True)
+    arrays, metadata = mx.load(io.BytesIO(data), format="safetensors", return_metadata=True)
+    mx.eval(arrays)
     model_weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]
     expected = {k for k, _ in tree_flatten(trainer.model.trainable_parameters())}
     if {k for k, _ in model_weights} != expected:
         raise ValueError(f"{path}: its adapters do not match the LoRA settings of this run; use the same flags")
     trainer.model.load_weights(model_weights, strict=False)
     optimizer_state = [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
-    trainer.optimizer.state = tree_unflatten(optimizer_state)
-    mx.random.state[0] = arrays["rng"]
+    # In place: the compiled steps hold this very dict (a new one would be invisible to them).
+    trainer.optimizer.state.clear()
+    trainer.optimizer.state.update(tree_unflatten(optimizer_state))
+    high, low = (int(v) for v in arrays["rng"].tolist())
+    mx.random.seed((high << 32) | low)  # mx.random.state takes no assignment; this seed gives the same key
     mx.eval(trainer.model.parameters(), trainer.optimizer.state)
     return int(metadata["step"]), json.loads(metadata["extra"])
+
+
+def _read_on_rank0(path: Path, world) -> Optional[bytes]:
+    """The bytes of rank 0's `path`, on every rank; None when rank 0 has no such file."""
+    mine = path.read_bytes() if (world is None or world.rank() == 0) and path.is_file() else b""
+    if world is None:
+        return mine or None
+    size = mx.distributed.all_sum(mx.array(len(mine)), group=world).item()
+    if size == 0:
+        return None
+    buffer = np.frombuffer(mine, dtype=np.uint8) if mine else np.zeros(size, dtype=np.uint8)
+    return bytes(np.array(mx.distributed.all_sum(mx.array(buffer), group=world)))
+
+
+def _any_rank(flag: bool, world) -> bool:
+    """True on every rank when `flag` is true on any: ranks must leave the loop at the same step."""
+    if world is None:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), group=world).item() > 0
 
 
 class MetricsLog:
@@ -283,12 +335,20 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
             loss_sum, token_sum = loss_sum + loss * n_tokens, token_sum + n_tokens
             mx.eval(loss_sum, token_sum, model.state, trainer.optimizer.state)
             steps_in_report += 1
-            due_save = step % args.save_every == 0 or step == args.iters or interrupted
-            if step % args.steps_per_report == 0 or due_save:
+            stopping = _any_rank(bool(interrupted), trainer.world)  # Ctrl-C reaches ranks at different steps
+            stopping = stopping or step == args.stop_after
+            due_save = step % args.save_every == 0 or step == args.iters or stopping
+            due_eval = args.steps_per_eval > 0 and (step % args.steps_per_eval == 0 or step == args.iters)
+            # Check the loss before every save and evaluation: non-finite weights must never be kept as best.
+            if step % args.steps_per_report == 0 or due_save or due_eval:
                 train_loss = float(loss_sum / mx.maximum(token_sum, 1))
-                if not math.isfinite(train_loss):
+                # A finite loss can still come with an update that overflowed the weights.
+                weights = tree_flatten(model.trainable_parameters())
+                weights_ok = mx.stack([mx.isfinite(v).all() for _, v in weights]).all().item()
+                if not (math.isfinite(train_loss) and weights_ok):
+                    problem = f"training loss is {train_loss}" + ("" if weights_ok else ", adapter weights not finite")
                     raise TrainingStopped(
-                        f"Iter {step}: training loss is {train_loss}; stopped without saving. The last good "
+                        f"Iter {step}: {problem}; stopped without saving. The last good "
                         f"adapters are in {folder} (resume.safetensors / checkpoints); lower --learning-rate "
                         f"or use --dtype float32"
                     )
@@ -300,7 +360,7 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
                     f"tokens/s {record['tokens_per_s']:.0f}, peak mem {record['peak_memory_gb']:.2f} GB")
                 metrics.write(record)
                 loss_sum, token_sum, steps_in_report, tic = mx.array(0.0), mx.array(0.0), 0, time.perf_counter()
-            if args.steps_per_eval > 0 and (step % args.steps_per_eval == 0 or step == args.iters):
+            if due_eval:
                 last_eval = run_eval(step)
                 model.train()
             if due_save and is_main:
@@ -308,10 +368,10 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
                 if step % args.save_every == 0:
                     save_adapters(folder / "checkpoints", f"{step:07d}_adapters.safetensors")
                 save_resume_state(trainer, folder, step, {"best": best})
-                if interrupted:
-                    log(f"Interrupted at iter {step}: saved adapters and resume state in {folder}; "
-                        f"continue with --resume")
-            if interrupted:
+                if stopping:
+                    how = "Interrupted" if interrupted else "Stopped"
+                    log(f"{how} at iter {step}: saved adapters and resume state in {folder}; continue with --resume")
+            if stopping:
                 break
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -324,7 +384,7 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
 def evaluate_split(trainer: Trainer, features: Sequence[Features], batch_size: int):
     from .evaluate import evaluate
 
-    return evaluate(trainer.model, trainer.tokenizer, features, batch_size, loss_fn)
+    return evaluate(trainer.model, trainer.tokenizer, features, batch_size, loss_fn, world=trainer.world)
 
 
 def plot_metrics(records: List[dict], path: Path) -> Optional[Path]:

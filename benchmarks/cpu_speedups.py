@@ -1,0 +1,173 @@
+"""A/B of benchmarks/proposed_cpu_speedups.diff on CPU: speed and identical transcripts.
+
+The patch is applied to a temporary copy of models/; both trees are imported in one process
+under different package names and timed in alternation (base, proposed, base, ...), so load
+from other processes on a shared machine hits both alike. Wall and process CPU times are kept.
+Equality: transcribe() (greedy, temperature 0, timestamps on, language en) of every en-read
+clip and of the 28 s clip with both trees; every token must match.
+
+    python benchmarks/cpu_speedups.py --rounds 5            # timing + all 116 en-read clips
+    python benchmarks/cpu_speedups.py --rounds 3 --clips 20
+"""
+
+import argparse
+import importlib.util
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, markdown_table, out_dir, write_results  # noqa: E402
+from transcribe_speed import SHARED, build_clip  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--diff", default=str(ROOT / "benchmarks" / "proposed_cpu_speedups.diff"))
+    p.add_argument("--model", default=str(SHARED / "models" / "whisper-base-mlx"))
+    p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    p.add_argument("--clips", type=int, default=-1, help="en-read clips to compare (-1: all)")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--name", default="cpu_speedups")
+    return p
+
+
+def load_package(name: str, folder: Path):
+    """Import `folder` (a copy of models/) as package `name`; its relative imports stay inside it."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    for sub in ("whisper", "decoding", "transcribe"):
+        importlib.import_module(f"{name}.{sub}")
+    return package
+
+
+def patched_copy(diff: Path, tmp: Path) -> Path:
+    shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["patch", "-p1", "--quiet", "-d", str(tmp), "-i", str(diff)], check=True)
+    return tmp / "models"
+
+
+def twin_models(model_path: str, base_pkg, prop_pkg):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from utils import load_model
+
+    base = load_model(model_path, dtype=mx.float32)
+    prop = prop_pkg.whisper.Whisper(prop_pkg.whisper.ModelDimensions(**base.dims.to_dict()), mx.float32)
+    prop.load_weights(tree_flatten(base.parameters()))
+    prop.set_alignment_heads(base.alignment_heads)
+    mx.eval(prop.parameters())
+    prop.eval()
+    return base, prop
+
+
+def timed(fn) -> tuple:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def time_ab(models: dict, audio, rounds: int) -> dict:
+    """{variant: {measure: [(wall, cpu), ...]}} for encoder, one decode and transcribe()."""
+    import mlx.core as mx
+
+    results = {v: {"encoder": [], "decode (one window)": [], "transcribe()": []} for v in models}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for variant, (model, pkg) in models.items():
+            window = pkg.transcribe.MelWindows(pkg.transcribe.ArraySource(audio), model.dims.n_mels).window(0)
+            mel = mx.array(window)[None]
+            features = model.embed_audio(mel)
+            mx.eval(features)
+            options = pkg.decoding.DecodingOptions(language="en")
+            runs = {
+                "encoder": lambda: mx.eval(model.embed_audio(mel)),
+                "decode (one window)": lambda: pkg.decoding.decode(model, features[0], options),
+                "transcribe()": lambda: pkg.transcribe.transcribe(model, audio, language="en", temperature=0.0),
+            }
+            for name, fn in runs.items():
+                results[variant][name].append(timed(fn))
+    n_tokens = len(models["base"][1].decoding.decode(models["base"][0], features[0], options).tokens)
+    for variant in results:
+        results[variant] = {k: v[1:] for k, v in results[variant].items()}
+    results["decode_tokens"] = n_tokens
+    return results
+
+
+def compare_transcripts(models: dict, clips: list) -> dict:
+    same, different = 0, []
+    for name, audio in clips:
+        out = {v: pkg.transcribe.transcribe(m, audio, language="en", temperature=0.0) for v, (m, pkg) in models.items()}
+        tokens = {v: [t for s in r["segments"] for t in s["tokens"]] for v, r in out.items()}
+        if tokens["base"] == tokens["proposed"]:
+            same += 1
+        else:
+            different.append({"clip": name, "base": out["base"]["text"], "proposed": out["proposed"]["text"]})
+        print(f"  {name}: {'same' if tokens['base'] == tokens['proposed'] else 'DIFFERENT'}", file=sys.stderr)
+    return {"clips": len(clips), "identical": same, "different": different}
+
+
+def encoder_difference(models: dict, audio) -> float:
+    import mlx.core as mx
+
+    outs = []
+    for model, pkg in models.values():
+        window = pkg.transcribe.MelWindows(pkg.transcribe.ArraySource(audio), model.dims.n_mels).window(0)
+        outs.append(model.embed_audio(mx.array(window)[None]))
+    return float(mx.abs(outs[0] - outs[1]).max()), float(mx.abs(outs[0]).max())
+
+
+def report(timing: dict, equality: dict, enc_diff: tuple) -> str:
+    rows = []
+    for name in timing["base"]:
+        med = {v: (statistics.median(w for w, _ in timing[v][name]), statistics.median(c for _, c in timing[v][name]))
+               for v in ("base", "proposed")}
+        rows.append([name, f"{med['base'][0]:.3f}", f"{med['proposed'][0]:.3f}", f"{med['base'][0] / med['proposed'][0]:.2f}x",
+                     f"{med['base'][1]:.3f}", f"{med['proposed'][1]:.3f}", f"{med['base'][1] / med['proposed'][1]:.2f}x"])
+    text = markdown_table(["measure (28 s clip)", "base wall s", "proposed wall s", "speed-up (wall)",
+                           "base CPU s", "proposed CPU s", "speed-up (CPU time)"], rows)
+    text += (f"\n\nOne-window decode: {timing['decode_tokens']} tokens. Encoder output max |diff| "
+             f"{enc_diff[0]:.2e} (max |value| {enc_diff[1]:.1f}). Transcripts: {equality['identical']} of "
+             f"{equality['clips']} clips token-identical.")
+    for d in equality["different"]:
+        text += f"\n- {d['clip']}: base {d['base']!r} / proposed {d['proposed']!r}"
+    return text
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    sys.path.insert(0, str(ROOT))
+    from models.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    import soundfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_pkg = importlib.import_module("models")
+        for sub in ("whisper", "decoding", "transcribe"):
+            importlib.import_module(f"models.{sub}")
+        prop_pkg = load_package("proposed_models", patched_copy(Path(args.diff), Path(tmp)))
+        base, prop = twin_models(args.model, base_pkg, prop_pkg)
+        models = {"base": (base, base_pkg), "proposed": (prop, prop_pkg)}
+        audio, _ = build_clip()
+        timing = time_ab(models, audio, args.rounds)
+        enc_diff = encoder_difference(models, audio)
+        files = sorted((SHARED / "data" / "en-read").glob("*.flac"))
+        files = files if args.clips < 0 else files[: args.clips]
+        clips = [("28 s clip", audio)] + [(f.name, soundfile.read(str(f), dtype="float32")[0]) for f in files]
+        equality = compare_transcripts(models, clips)
+    text = report(timing, equality, enc_diff)
+    write_results(out_dir(args.out_dir), args.name, {"timing": timing, "equality": equality,
+                                                      "encoder_max_abs_diff": enc_diff}, text)
+    print(text)
+    return 0 if not equality["different"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
