@@ -95,9 +95,10 @@ def resolve_model_path(path_or_repo: str) -> Path:
             allow_patterns=["*.json", "*.safetensors", "weights.npz", "*.md"],
         )
     except Exception as error:  # network errors, missing repos and auth all land here
+        reason = (str(error).strip().splitlines() or [""])[0]  # the Hub's messages run over several lines
         raise ModelLoadError(
-            f"could not download model {path_or_repo!r} from the Hugging Face Hub "
-            f"({type(error).__name__}: {error}); check the name, your network, or HF_TOKEN"
+            f"{path_or_repo}: no such model folder, and could not download model {path_or_repo!r} from the Hugging "
+            f"Face Hub ({type(error).__name__}: {reason}); check the path or repo name, your network, or HF_TOKEN"
         ) from None
     return Path(local)
 

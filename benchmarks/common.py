@@ -50,7 +50,8 @@ def worker_main(fn, args) -> int:
         import traceback
 
         traceback.print_exc()
-        result = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"}
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        result = {"error": f"{type(error).__name__}: {first_line[:200]}"}
     emit_result(result)
     return 0
 
@@ -71,7 +72,7 @@ def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> di
                               env=full_env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if lines:
         return json.loads(lines[-1][len(RESULT_PREFIX):])
     tail = " | ".join(proc.stdout.strip().splitlines()[-3:])

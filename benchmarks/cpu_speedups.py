@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_package(name: str, folder: Path):
     """Import `folder` (a copy of models/) as package `name`; its relative imports stay inside it."""
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
     package = importlib.util.module_from_spec(spec)
     sys.modules[name] = package
     spec.loader.exec_module(package)
@@ -126,10 +127,9 @@ def encoder_difference(models: dict, audio) -> float:
 def report(timing: dict, equality: dict, enc_diff: tuple) -> str:
     rows = []
     for name in timing["base"]:
-        med = {v: (statistics.median(w for w, _ in timing[v][name]), statistics.median(c for _, c in timing[v][name]))
-               for v in ("base", "proposed")}
-        rows.append([name, f"{med['base'][0]:.3f}", f"{med['proposed'][0]:.3f}", f"{med['base'][0] / med['proposed'][0]:.2f}x",
-                     f"{med['base'][1]:.3f}", f"{med['proposed'][1]:.3f}", f"{med['base'][1] / med['proposed'][1]:.2f}x"])
+        (bw, bc), (pw, pc) = [(statistics.median(w for w, _ in timing[v][name]),
+                               statistics.median(c for _, c in timing[v][name])) for v in ("base", "proposed")]
+        rows.append([name, f"{bw:.3f}", f"{pw:.3f}", f"{bw / pw:.2f}x", f"{bc:.3f}", f"{pc:.3f}", f"{bc / pc:.2f}x"])
     text = markdown_table(["measure (28 s clip)", "base wall s", "proposed wall s", "speed-up (wall)",
                            "base CPU s", "proposed CPU s", "speed-up (CPU time)"], rows)
     text += (f"\n\nOne-window decode: {timing['decode_tokens']} tokens. Encoder output max |diff| "

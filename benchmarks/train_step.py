@@ -266,8 +266,8 @@ def run_all(args, save) -> list:
                     continue
                 python = sys.executable if framework == "mlx" else args.torch_python
                 cmd = [python, str(Path(__file__).resolve()), "--worker", framework, "--size", size,
-                       "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype, "--warmup", str(args.warmup),
-                       "--steps", str(args.steps), "--stage-steps", str(args.stage_steps)]
+                       "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype,
+                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--stage-steps", str(args.stage_steps)]
                 cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(add_rates(dict(row, **result), size, batch, args.tokens, args.peak_tflops))

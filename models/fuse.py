@@ -97,14 +97,13 @@ def fuse_adapters(model_path: str, adapter_path: str, dtype: Optional[mx.Dtype] 
     if recorded is not None and not _same_model(str(recorded), str(model_path)):
         warnings.warn(f"{adapter_path}: the adapters were trained on {recorded!r}; fusing them into "
                       f"{model_path!r} (the model sizes are checked, the weights cannot be)")
-    model = load_model(model_path, dtype=None)
+    # Cast before merging: W + scale * (A @ B).T is rounded once, to the dtype written.
+    model = load_model(model_path, dtype=dtype)
     base_quantized = quantization_of(model) is not None
     load_adapters(model, Path(adapter_path))
     fuse_lora_layers(model, requantize=base_quantized and not dequantize)
     if dequantize:
         dequantize_model(model)
-    if dtype is not None:
-        model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model, adapter_config
 

@@ -292,6 +292,7 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
         folder.mkdir(parents=True, exist_ok=True)
     start_step, extra = (load_resume_state(trainer, folder) if resume else (0, {}))
     best = extra.get("best", math.inf)
+    last_saved = start_step if resume else None  # the iteration whose adapters this run has on disk
     metrics = MetricsLog(folder, is_main, start_step if resume else None)
     world_size = 1 if trainer.world is None else trainer.world.size()
     if batch_source is None:
@@ -347,9 +348,10 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
                 weights_ok = mx.stack([mx.isfinite(v).all() for _, v in weights]).all().item()
                 if not (math.isfinite(train_loss) and weights_ok):
                     problem = f"training loss is {train_loss}" + ("" if weights_ok else ", adapter weights not finite")
+                    kept = ("no adapters were saved before it" if last_saved is None else f"the last good adapters "
+                            f"(iter {last_saved}) are in {folder} (resume.safetensors / checkpoints)")
                     raise TrainingStopped(
-                        f"Iter {step}: {problem}; stopped without saving. The last good "
-                        f"adapters are in {folder} (resume.safetensors / checkpoints); lower --learning-rate "
+                        f"Iter {step}: {problem}; stopped without saving; {kept}. Lower --learning-rate "
                         f"or use --dtype float32"
                     )
                 elapsed = time.perf_counter() - tic
@@ -368,6 +370,7 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
                 if step % args.save_every == 0:
                     save_adapters(folder / "checkpoints", f"{step:07d}_adapters.safetensors")
                 save_resume_state(trainer, folder, step, {"best": best})
+                last_saved = step
                 if stopping:
                     how = "Interrupted" if interrupted else "Stopped"
                     log(f"{how} at iter {step}: saved adapters and resume state in {folder}; continue with --resume")
