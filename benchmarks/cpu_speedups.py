@@ -50,7 +50,7 @@ def load_package(name: str, folder: Path):
 
 def patched_copy(diff: Path, tmp: Path) -> Path:
     shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["patch", "-p1", "--quiet", "-d", str(tmp), "-i", str(diff)], check=True)
+    subprocess.run(["patch", "-p1", "--quiet", "-d", str(tmp), "-i", str(diff.resolve())], check=True)
     return tmp / "models"
 
 
