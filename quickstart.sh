@@ -13,7 +13,7 @@ fi
 model=../shared/models/whisper-base-mlx
 .venv/bin/python lora.py --model $model --data ../shared/data/te --language te \
     --freeze-encoder --lora-targets mlp1,mlp2 --lora-rank 16 --lora-alpha 32 \
-    --learning-rate 2e-4 --warmup 20 --iters 200 --batch-size 16 --steps-per-eval 50 \
+    --learning-rate 3e-4 --warmup 10 --iters 80 --batch-size 8 --steps-per-eval 40 --val-batches 1 \
     --adapter-path adapters/te --overwrite
 clip=../shared/data/te/validation/$(sed -n 2p ../shared/data/te/validation/metadata.csv | cut -d, -f1)
 echo "Reference: $(sed -n 2p ../shared/data/te/validation/metadata.csv | cut -d, -f2-)"
