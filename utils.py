@@ -249,19 +249,9 @@ def atomic_output(path: Path, mode: str = "w", **kwargs):
 
 def save_safetensors_atomic(path: Path, arrays: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
     """mx.save_safetensors to a temp file, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _disk_full_names(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-        try:
-            with os.fdopen(fd, "wb") as f:  # a Python file keeps a failed write's errno; MLX's own writer drops it
-                mx.save_safetensors(f, arrays, metadata=metadata or {})
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    # A Python file object keeps a failed write's errno (disk full); MLX's own writer drops it.
+    with atomic_output(path, "wb") as f:
+        mx.save_safetensors(f, arrays, metadata=metadata or {})
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -85,14 +85,7 @@ def test_make_monotonic_clamps_into_bounds():
     assert [(w["start"], w["end"]) for w in words] == [(0.7, 1.2), (1.2, 1.2), (3.0, 4.0)]
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    mx.random.seed(0)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
-    model = Whisper(dims)
-    mx.eval(model.parameters())
-    return model
+# tiny_model: the fixture in conftest.py
 
 
 def test_find_alignment_covers_every_word_in_order(tiny_model):

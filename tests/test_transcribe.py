@@ -26,14 +26,7 @@ def words(text: str):
     return TOKENIZER.encode(text)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    mx.random.seed(0)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
-    model = Whisper(dims)
-    mx.eval(model.parameters())
-    return model
+# tiny_model: the fixture in conftest.py
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
