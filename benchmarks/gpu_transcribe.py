@@ -193,6 +193,7 @@ def main() -> int:
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(derived(dict(row, **result), size, batch, args.tokens))
                 write_results(folder, args.name, {"args": vars(args), "rows": rows}, table(rows))
+    write_results(folder, args.name, {"args": vars(args), "rows": rows}, table(rows))
     print(table(rows))
     return 0
 

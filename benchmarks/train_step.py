@@ -90,7 +90,8 @@ def mlx_worker(args) -> dict:
                       log=lambda *a, **k: None)
     mel, inputs, targets = random_batch_numpy(shape, args.batch, args.tokens)
     mask = mx.ones(inputs.shape, dtype=mx.float32)
-    batch = Batch(mx.array(mel), mx.array(inputs), mx.array(targets), mask, int(mask.size), [])
+    batch = Batch(mel=mx.array(mel), inputs=mx.array(inputs), targets=mx.array(targets), mask=mask,
+                  n_tokens=int(mask.size), sources=[])
     mx.eval(batch.mel, batch.inputs, batch.targets, batch.mask)
     weights_gb = mx.get_active_memory() / 1e9
 

@@ -17,6 +17,7 @@ Writes transcribe_speed.json / .md under --out-dir or $OUT when set.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fw-python", default="/tmp/fw-venv/bin/python", help="interpreter with faster-whisper")
     p.add_argument("--fw-model", default="/tmp/fw-base-ct2", help="CTranslate2 whisper-base folder")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fw-omp-wait-policy", choices=["default", "passive"], default="default",
+                   help="passive: faster-whisper's OpenMP threads sleep instead of spinning; on a shared, busy "
+                        "CPU the spinning made it 2-4x slower")
     p.add_argument("--runs", type=int, default=3, help="timed runs per side and round, after one warm-up")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternate faster-whisper and ours this many times (a shared CPU's load hits both)")
@@ -208,8 +212,10 @@ def fw_worker(args) -> dict:
 def run_fw(args, audio_path: Path) -> dict:
     cmd = [args.fw_python, str(Path(__file__).resolve()), "--worker", "faster-whisper", "--audio", str(audio_path),
            "--fw-model", args.fw_model, "--threads", str(args.threads), "--runs", str(args.runs)]
-    return run_worker(cmd + ["--without-timestamps"] * args.without_timestamps, timeout=900,
-                      env={"OMP_NUM_THREADS": str(args.threads)})
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    if args.fw_omp_wait_policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return run_worker(cmd + ["--without-timestamps"] * args.without_timestamps, timeout=900, env=env)
 
 
 def merge_fw(rounds: list) -> dict:
@@ -270,9 +276,13 @@ def main() -> int:
     ours = ours_summary(path, text, ours_runs)
     fw = merge_fw(fw_rounds) if fw_rounds else {"skipped": "--skip-fw"}
     text = report(ours, fw, ratios, len(audio) / 16000)
+    text += (f"\n\nLoad average (1/5/15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+             f"faster-whisper OpenMP wait policy: {args.fw_omp_wait_policy}; {args.rounds} rounds x {args.runs} runs.")
     clip = {"seconds": len(audio) / 16000, "files": names, "gap_s": GAP_SECONDS}
     payload = {"code_root": args.code_root, "clip": clip,
-               "threads": args.threads, "without_timestamps": args.without_timestamps, "rounds": args.rounds,
+               "threads": args.threads, "fw_omp_wait_policy": args.fw_omp_wait_policy,
+               "load_average": os.getloadavg(), "without_timestamps": args.without_timestamps,
+               "rounds": args.rounds,
                "ours": ours, "faster_whisper": fw, "ratios_per_round": ratios}
     write_results(out_dir(args.out_dir), args.name, payload, text)
     print(f"clip: {len(names)} en-read files, {len(audio) / 16000:.1f} s; ours: {ours['text']!r}")
