@@ -103,15 +103,20 @@ def resolve_model_path(path_or_repo: str) -> Path:
     return Path(local)
 
 
+def _read_json(path: Path, missing_message: str) -> dict:
+    """A JSON config file; a missing or malformed one is a ModelLoadError naming it."""
+    if not path.is_file():
+        raise ModelLoadError(missing_message)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
+
+
 def read_model_config(folder: Path) -> Tuple[ModelDimensions, dict, bool]:
     """(dims, raw config, is_hf_layout) of a model folder."""
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json; is this a Whisper model folder?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{config_path}: not valid JSON ({error})") from None
+    config = _read_json(config_path, f"{folder}: no config.json; is this a Whisper model folder?")
     if "d_model" in config:  # transformers layout
         missing = [k for k in HF_CONFIG_KEYS if k not in config]
         if missing:
@@ -324,12 +329,7 @@ def save_adapters(model: nn.Module, folder: Path, config: dict, weights_name: st
 
 def read_adapter_config(folder: Path) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ModelLoadError(f"{folder}: no {ADAPTER_CONFIG}; pass the folder lora.py wrote with --adapter-path")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
+    config = _read_json(path, f"{folder}: no {ADAPTER_CONFIG}; pass the folder lora.py wrote with --adapter-path")
     if "lora" not in config:
         raise ModelLoadError(f"{path}: no 'lora' section; was it written by lora.py?")
     return config
