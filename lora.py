@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from models.data import DatasetLoadError
     from models.finetune import run
+    from models.trainer import limit_cuda_queue_memory
+
+    limit_cuda_queue_memory()
 
     try:
         return run(args)

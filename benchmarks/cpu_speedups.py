@@ -1,23 +1,25 @@
-"""A/B of benchmarks/proposed_cpu_speedups.diff on CPU: speed and identical transcripts.
+"""A/B of CPU transcription: the working tree's models/ against a git revision's, speed and tokens.
 
-The patch is applied to a temporary copy of models/; both trees are imported in one process
-under different package names and timed in alternation (base, proposed, base, ...), so load
-from other processes on a shared machine hits both alike. Wall and process CPU times are kept.
-Equality: transcribe() (greedy, temperature 0, timestamps on, language en) of every en-read
-clip and of the 28 s clip with both trees; every token must match.
+The revision's models/ (default HEAD) is extracted to a temporary folder; both trees are
+imported in one process under different package names and timed in alternation (base,
+proposed, base, ...), so load from other processes on a shared machine hits both alike. Wall and
+process CPU times are kept. Equality: transcribe() (greedy, temperature 0, timestamps on,
+language en) of the 28 s clip and of en-read clips with both trees; every token must match.
 
-    python benchmarks/cpu_speedups.py --rounds 5            # timing + all 116 en-read clips
-    python benchmarks/cpu_speedups.py --rounds 3 --clips 20
+    python benchmarks/cpu_speedups.py --base-rev HEAD --rounds 3 --clips 60
+    python benchmarks/cpu_speedups.py --base-rev c79706e --rounds 3 --clips 20
 """
 
 import argparse
 import importlib.util
-import shutil
+import io
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,7 +29,7 @@ from transcribe_speed import SHARED, build_clip  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--diff", default=str(ROOT / "benchmarks" / "proposed_cpu_speedups.diff"))
+    p.add_argument("--base-rev", default="HEAD", help="git revision whose models/ is the base")
     p.add_argument("--model", default=str(SHARED / "models" / "whisper-base-mlx"))
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     p.add_argument("--clips", type=int, default=-1, help="en-read clips to compare (-1: all)")
@@ -48,24 +50,29 @@ def load_package(name: str, folder: Path):
     return package
 
 
-def patched_copy(diff: Path, tmp: Path) -> Path:
-    shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["patch", "-p1", "--quiet", "-d", str(tmp), "-i", str(diff.resolve())], check=True)
+def revision_copy(rev: str, tmp: Path) -> Path:
+    """models/ as of git revision `rev`, extracted under `tmp`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "models"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
     return tmp / "models"
 
 
-def twin_models(model_path: str, base_pkg, prop_pkg):
+def twin_models(model_path: str, base_pkg):
+    """(base, proposed): the working tree's model as utils.load_model gives it, and the same weights
+    in the revision's Whisper class."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from utils import load_model
 
-    base = load_model(model_path, dtype=mx.float32)
-    prop = prop_pkg.whisper.Whisper(prop_pkg.whisper.ModelDimensions(**base.dims.to_dict()), mx.float32)
-    prop.load_weights(tree_flatten(base.parameters()))
-    prop.set_alignment_heads(base.alignment_heads)
-    mx.eval(prop.parameters())
-    prop.eval()
+    prop = load_model(model_path, dtype=mx.float32)
+    base = base_pkg.whisper.Whisper(base_pkg.whisper.ModelDimensions(**prop.dims.to_dict()), mx.float32)
+    base.load_weights(tree_flatten(prop.parameters()))
+    base.set_alignment_heads(prop.alignment_heads)
+    mx.eval(base.parameters())
+    base.eval()
     return base, prop
 
 
@@ -92,8 +99,11 @@ def time_ab(models: dict, audio, rounds: int) -> dict:
                 "decode (one window)": lambda: pkg.decoding.decode(model, features[0], options),
                 "transcribe()": lambda: pkg.transcribe.transcribe(model, audio, language="en", temperature=0.0),
             }
+            # The encoder and decode alone run under the buffer cache that transcribe() sets, where a tree has it.
+            buffer_cache = getattr(pkg.decoding, "cpu_buffer_cache", None)
             for name, fn in runs.items():
-                results[variant][name].append(timed(fn))
+                with buffer_cache(model) if buffer_cache is not None else nullcontext():
+                    results[variant][name].append(timed(fn))
     n_tokens = len(models["base"][1].decoding.decode(models["base"][0], features[0], options).tokens)
     for variant in results:
         results[variant] = {k: v[1:] for k, v in results[variant].items()}
@@ -149,11 +159,11 @@ def main() -> int:
     import soundfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        base_pkg = importlib.import_module("models")
+        prop_pkg = importlib.import_module("models")
         for sub in ("whisper", "decoding", "transcribe"):
             importlib.import_module(f"models.{sub}")
-        prop_pkg = load_package("proposed_models", patched_copy(Path(args.diff), Path(tmp)))
-        base, prop = twin_models(args.model, base_pkg, prop_pkg)
+        base_pkg = load_package("base_models", revision_copy(args.base_rev, Path(tmp)))
+        base, prop = twin_models(args.model, base_pkg)
         models = {"base": (base, base_pkg), "proposed": (prop, prop_pkg)}
         audio, _ = build_clip()
         timing = time_ab(models, audio, args.rounds)
@@ -162,9 +172,9 @@ def main() -> int:
         files = files if args.clips < 0 else files[: args.clips]
         clips = [("28 s clip", audio)] + [(f.name, soundfile.read(str(f), dtype="float32")[0]) for f in files]
         equality = compare_transcripts(models, clips)
-    text = report(timing, equality, enc_diff)
-    write_results(out_dir(args.out_dir), args.name, {"timing": timing, "equality": equality,
-                                                      "encoder_max_abs_diff": enc_diff}, text)
+    text = f"base: models/ at {args.base_rev}; proposed: the working tree.\n\n" + report(timing, equality, enc_diff)
+    write_results(out_dir(args.out_dir), args.name, {"base_rev": args.base_rev, "timing": timing,
+                                                      "equality": equality, "encoder_max_abs_diff": enc_diff}, text)
     print(text)
     return 0 if not equality["different"] else 1
 

@@ -23,7 +23,9 @@ from common import (ROOT, fmt, markdown_table, out_dir, run_worker, seconds_left
                     time_calls, worker_main, write_results)
 from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops  # noqa: E402
 
-FRAMEWORKS = ("mlx", "torch-sdpa", "torch-eager")
+# mlx-unfused: our step without the query padding that keeps attention's backward on cuDNN's fused
+# kernel (models/whisper.py, MultiHeadAttention._cudnn_query_padding): MLX's unfused backward, the A/B.
+FRAMEWORKS = ("mlx", "mlx-unfused", "torch-sdpa", "torch-eager")
 LORA_RANK, LORA_ALPHA, LEARNING_RATE = 8, 16.0, 1e-4
 
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--stages", action="store_true", help="also time forward-only and uncompiled stages")
     p.add_argument("--stage-steps", type=int, default=5)
+    p.add_argument("--kernels", action="store_true",
+                   help="MLX: GPU time per kernel over --stage-steps steps (needs torch, for its CUDA profiler)")
     p.add_argument("--torch-python", default=sys.executable, help="interpreter with torch/transformers/peft")
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
     p.add_argument("--deadline", type=float, default=None,
@@ -72,8 +76,14 @@ def mlx_worker(args) -> dict:
     from models.lora import LoRAConfig, linear_to_lora_layers
     from models.tokenizer import get_tokenizer
     from models.trainer import Trainer, TrainingArgs, loss_fn
+    from models import whisper
+    from models.trainer import limit_cuda_queue_memory
     from models.whisper import ModelDimensions, Whisper
 
+    limit_cuda_queue_memory()  # as lora.py does
+
+    if args.worker == "mlx-unfused":
+        whisper._CUDNN_BLOCK = 1  # every length is a multiple of 1: no padding
     device = str(mx.default_device())
     if not args.smoke and "gpu" not in device:
         raise SystemExit(f"MLX runs on {device}; the benchmark needs the GPU (or pass --smoke)")
@@ -106,7 +116,33 @@ def mlx_worker(args) -> dict:
               "peak_gb": mx.get_peak_memory() / 1e9, "step": summary(times)}
     if args.stages:
         result["stages"] = mlx_stages(args, model, trainer, batch, loss_fn, nn)
+    if args.kernels:
+        result["kernels"] = kernel_profile(step, args.stage_steps, result["step"]["median_s"])
     return result
+
+
+def kernel_profile(step, steps: int, step_s: float, top: int = 30) -> dict:
+    """GPU time per step of the kernels `step` launches, read through PyTorch's profiler (CUPTI sees
+    every CUDA kernel of the process, MLX's included): top kernels and the GPU's busy share."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return {"error": "torch is not installed (its profiler reads the CUDA kernels)"}
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+    except (AssertionError, RuntimeError) as error:  # no CUDA for the profiler: the step's numbers stand
+        return {"error": f"{type(error).__name__}: {error}"}
+    kernels = []
+    for event in prof.key_averages():
+        total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total_us:
+            kernels.append({"name": event.key[:120], "ms_per_step": total_us / 1e3 / steps,
+                            "calls_per_step": event.count / steps})
+    kernels.sort(key=lambda k: -k["ms_per_step"])
+    busy_ms = sum(k["ms_per_step"] for k in kernels)
+    return {"busy_ms_per_step": busy_ms, "step_ms": 1e3 * step_s, "top": kernels[:top]}
 
 
 def mlx_stages(args, model, trainer, batch, loss_fn, nn) -> dict:
@@ -265,11 +301,11 @@ def run_all(args, save) -> list:
                 if seconds_left(args.deadline) < 30:
                     rows.append(dict(row, skipped="deadline reached"))
                     continue
-                python = sys.executable if framework == "mlx" else args.torch_python
+                python = sys.executable if framework.startswith("mlx") else args.torch_python
                 cmd = [python, str(Path(__file__).resolve()), "--worker", framework, "--size", size,
                        "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype,
                        "--warmup", str(args.warmup), "--steps", str(args.steps), "--stage-steps", str(args.stage_steps)]
-                cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke
+                cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke + ["--kernels"] * args.kernels
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(add_rates(dict(row, **result), size, batch, args.tokens, args.peak_tflops))
                 print(f"{framework} {size} b{batch}: {one_line(rows[-1])}", file=sys.stderr, flush=True)
@@ -304,6 +340,14 @@ def tables(rows: list, peak_tflops: float) -> str:
              (r.get("error") or r.get("skipped") or "")[:80]] for r in rows]
     text = markdown_table(["size", "batch", "framework", "samples/s", "target tokens/s", "peak GB", "step ms",
                            "TFLOP/s", f"MFU % (of {peak_tflops:.0f})", "note"], main)
+    for r in rows:
+        kernels = r.get("kernels", {})
+        if kernels.get("top"):
+            text += (f"\n\nGPU kernels, {r['framework']} {r['size']} batch {r['batch']}: busy "
+                     f"{kernels['busy_ms_per_step']:.1f} ms of a {kernels['step_ms']:.1f} ms step (profiled)\n\n")
+            text += markdown_table(["kernel", "ms per step", "share of busy", "calls per step"], [
+                [k["name"][:70], f"{k['ms_per_step']:.2f}", f"{100 * k['ms_per_step'] / kernels['busy_ms_per_step']:.1f}%",
+                 f"{k['calls_per_step']:.0f}"] for k in kernels["top"][:15]])
     staged = [r for r in rows if r.get("stages") and "step" in r]
     if not staged:
         return text
@@ -323,7 +367,7 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.worker is not None:
         sys.path.insert(0, str(ROOT))
-        return worker_main(mlx_worker if args.worker == "mlx" else torch_worker, args)
+        return worker_main(mlx_worker if args.worker.startswith("mlx") else torch_worker, args)
     folder = out_dir(args.out_dir)
 
     def save(rows):

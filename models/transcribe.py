@@ -18,7 +18,7 @@ from .audio import (
     FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, N_FRAMES, SAMPLE_RATE, AudioError, _hann_window, load_audio, mel_filters,
     pad_or_trim,
 )
-from .decoding import DecodingOptions, DecodingResult, decode, detect_language
+from .decoding import DecodingOptions, DecodingResult, cpu_buffer_cache, decode, detect_language
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import LANGUAGES, get_tokenizer, language_code
 from .whisper import Whisper
@@ -301,11 +301,12 @@ class Transcriber:
             raise ValueError("this model is English-only; it cannot translate")
         source = open_audio(audio)
         try:
-            windows = MelWindows(source, self.model.dims.n_mels)
-            self._cached = (None, None)
-            language = self.language(windows)
-            self.options = replace(self.requested, language=language)
-            state = self._seek_loop(windows, language, progress)
+            with cpu_buffer_cache(self.model):
+                windows = MelWindows(source, self.model.dims.n_mels)
+                self._cached = (None, None)
+                language = self.language(windows)
+                self.options = replace(self.requested, language=language)
+                state = self._seek_loop(windows, language, progress)
         finally:
             source.close()
         tokenizer = get_tokenizer(self.model.is_multilingual, self.model.num_languages, language, self.options.task)
@@ -458,12 +459,14 @@ def transcribe_batch(model: Whisper, clips: Sequence[Union[str, Path, np.ndarray
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     options = replace(options, without_timestamps=True)
     results = []
-    for first in range(0, len(clips), batch_size):
-        mels, durations = zip(*(_clip_window(clip, model.dims.n_mels) for clip in clips[first : first + batch_size]))
-        for decoded, duration in zip(decode(model, mx.array(np.stack(mels)), options), durations):
-            segment = _new_segment(0, 0.0, duration, decoded.tokens, decoded, _tokenizer_for(model, decoded, options),
-                                   duration)
-            results.append({"text": decoded.text, "segments": [segment], "language": decoded.language})
+    with cpu_buffer_cache(model, batch_size):
+        for first in range(0, len(clips), batch_size):
+            batch = clips[first : first + batch_size]
+            mels, durations = zip(*(_clip_window(clip, model.dims.n_mels) for clip in batch))
+            for decoded, duration in zip(decode(model, mx.array(np.stack(mels)), options), durations):
+                segment = _new_segment(0, 0.0, duration, decoded.tokens, decoded,
+                                       _tokenizer_for(model, decoded, options), duration)
+                results.append({"text": decoded.text, "segments": [segment], "language": decoded.language})
     return results
 
 

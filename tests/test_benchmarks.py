@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import cpu_speedups  # noqa: E402
 import flops  # noqa: E402
 import gpu_transcribe  # noqa: E402
 import train_step  # noqa: E402
@@ -38,7 +39,7 @@ def test_encoder_flops_match_the_device_readme():
 def test_train_step_mlx_worker_times_a_step_and_its_stages(monkeypatch):
     monkeypatch.setitem(flops.SHAPES, "micro", MICRO)
     args = Namespace(size="micro", batch=2, tokens=8, dtype="float32", warmup=1, steps=2, stages=True,
-                     stage_steps=1, smoke=True, worker="mlx")
+                     stage_steps=1, smoke=True, worker="mlx", kernels=False)
     result = train_step.mlx_worker(args)
     assert result["step"]["n"] == 2 and result["step"]["median_s"] > 0
     assert result["peak_gb"] > result["weights_gb"] > 0
@@ -64,3 +65,13 @@ def test_benchmark_clip_is_28_seconds_of_en_read_speech():
     assert len(audio) == 28 * 16000 and audio.dtype.name == "float32"
     assert len(names) >= 3 and all(n.startswith("hifitts6097_") for n in names)
     assert abs(audio[: 16000 * 20]).max() > 0.05  # speech, not silence
+
+
+def test_cpu_speedups_imports_a_git_revision_beside_the_working_tree(tmp_path):
+    import models.whisper
+
+    folder = cpu_speedups.revision_copy("HEAD", tmp_path)
+    assert (folder / "whisper.py").is_file() and (folder / "transcribe.py").is_file()
+    package = cpu_speedups.load_package("revision_models", folder)
+    assert package.whisper.__file__.startswith(str(tmp_path))
+    assert package.whisper.Whisper is not models.whisper.Whisper

@@ -1,0 +1,155 @@
+"""The training-speed paths of the model (query padding for cuDNN, lean GELU backward, LayerNorm
+without fused affine, LoRA through addmm), checked on CPU against the plain formulas.
+
+The padding only switches on under CUDA; here `_on_cuda` is forced so that the padded attention
+runs through MLX's CPU kernels, whose results must equal the unpadded ones.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from models import trainer as trainer_module
+from models import whisper
+from models.lora import LoRALinear
+from models.whisper import LayerNorm, MultiHeadAttention, _gelu_lean
+
+
+def _attention_and_grads(attention, q, k, v, mask):
+    cotangent = mx.random.normal(q.shape, key=mx.random.key(3)).astype(q.dtype)
+
+    def loss(q, k, v):
+        out, _ = attention._attend(q, k, v, mask, False)
+        return (out.astype(mx.float32) * cotangent.astype(mx.float32)).sum()
+
+    value, grads = mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    out, _ = attention._attend(q, k, v, mask, False)
+    return out, grads
+
+
+@pytest.mark.parametrize("t_q,t_k,mask", [(50, 50, None), (37, 37, "causal"), (20, 70, None)])
+def test_query_padding_changes_nothing(monkeypatch, t_q, t_k, mask):
+    monkeypatch.setattr(whisper, "_on_cuda", lambda: True)
+    attention = MultiHeadAttention(64, 4)
+    keys = mx.random.split(mx.random.key(0), 3)
+    q, k, v = (mx.random.normal((2, t, 64), key=key).astype(mx.bfloat16)
+               for t, key in zip((t_q, t_k, t_k), keys))
+
+    attention.eval()
+    assert attention._cudnn_query_padding(t_q, mx.bfloat16, mask) == 0
+    out_plain, grads_plain = _attention_and_grads(attention, q, k, v, mask)
+    attention.train()
+    assert attention._cudnn_query_padding(t_q, mx.bfloat16, mask) == 128 - t_q
+    out_padded, grads_padded = _attention_and_grads(attention, q, k, v, mask)
+
+    assert out_padded.shape == out_plain.shape
+    np.testing.assert_allclose(np.array(out_padded.astype(mx.float32)), np.array(out_plain.astype(mx.float32)),
+                               atol=2e-2)
+    for padded, plain in zip(grads_padded, grads_plain):
+        assert padded.shape == plain.shape
+        scale = float(mx.abs(plain.astype(mx.float32)).max())
+        np.testing.assert_allclose(np.array(padded.astype(mx.float32)), np.array(plain.astype(mx.float32)),
+                                   atol=2e-2 * scale)
+
+
+def test_query_padding_only_where_cudnn_needs_it(monkeypatch):
+    attention = MultiHeadAttention(64, 4)
+    attention.train()
+    assert attention._cudnn_query_padding(50, mx.bfloat16, None) == 0  # CPU: never
+    monkeypatch.setattr(whisper, "_on_cuda", lambda: True)
+    assert attention._cudnn_query_padding(1500, mx.bfloat16, None) == 36
+    assert attention._cudnn_query_padding(256, mx.bfloat16, None) == 0  # already a multiple of 128
+    assert attention._cudnn_query_padding(50, mx.float32, None) == 0  # cuDNN: half precision only
+    assert attention._cudnn_query_padding(50, mx.bfloat16, mx.zeros((50, 50))) == 0  # array masks: no
+    attention.eval()
+    assert attention._cudnn_query_padding(50, mx.bfloat16, None) == 0
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(mx.float32, 1e-5), (mx.bfloat16, 2e-2)])
+def test_lean_gelu_matches_gelu(dtype, tolerance):
+    x = (3 * mx.random.normal((4, 33), key=mx.random.key(1))).astype(dtype)
+    weights = mx.random.normal((4, 33), key=mx.random.key(2))
+
+    def loss(fn):
+        return lambda x: (fn(x).astype(mx.float32) * weights).sum()
+
+    assert mx.array_equal(_gelu_lean(x), nn.gelu(x))
+    lean, plain = mx.grad(loss(_gelu_lean))(x), mx.grad(loss(nn.gelu))(x)
+    np.testing.assert_allclose(np.array(lean.astype(mx.float32)), np.array(plain.astype(mx.float32)),
+                               atol=tolerance, rtol=tolerance)
+    # Compiled, as in the training step.
+    compiled = mx.compile(mx.grad(loss(_gelu_lean)))(x)
+    np.testing.assert_allclose(np.array(compiled.astype(mx.float32)), np.array(lean.astype(mx.float32)),
+                               atol=tolerance)
+
+
+def test_layer_norm_training_path_equals_fused():
+    ln = LayerNorm(48)
+    ln.weight = mx.random.normal((48,), key=mx.random.key(4))
+    ln.bias = mx.random.normal((48,), key=mx.random.key(5))
+    x = mx.random.normal((3, 7, 48), key=mx.random.key(6))
+    weights = mx.random.normal((3, 7, 48), key=mx.random.key(7))
+
+    def grad_of_input(train):
+        ln.train(train)
+        return mx.grad(lambda x: (ln(x) * weights).sum())(x)
+
+    ln.eval()
+    fused, plain_grad = ln(x), grad_of_input(False)
+    ln.freeze()
+    ln.train()
+    np.testing.assert_allclose(np.array(ln(x)), np.array(fused), atol=1e-5)
+    np.testing.assert_allclose(np.array(grad_of_input(True)), np.array(plain_grad), atol=1e-4)
+    compiled = mx.compile(mx.grad(lambda x: (ln(x) * weights).sum()))(x)
+    np.testing.assert_allclose(np.array(compiled), np.array(plain_grad), atol=1e-4)
+
+
+def test_layer_norm_with_trainable_weight_keeps_its_gradients():
+    ln = LayerNorm(8)
+    ln.train()
+    x = mx.random.normal((5, 8), key=mx.random.key(11))
+    grads = nn.value_and_grad(ln, lambda m, x: (m(x) * mx.arange(8)).sum())(ln, x)[1]
+    assert float(mx.abs(grads["weight"]).sum()) > 0 and float(mx.abs(grads["bias"]).sum()) > 0
+
+
+def test_lora_forward_and_gradients_follow_the_formula():
+    base = nn.Linear(16, 12)
+    layer = LoRALinear.from_base(base, r=4, alpha=8.0)
+    layer.lora_b = mx.random.normal((4, 12), key=mx.random.key(8))
+    x = mx.random.normal((2, 5, 16), key=mx.random.key(9))
+    weights = mx.random.normal((2, 5, 12), key=mx.random.key(10))
+
+    def reference(params):
+        a, b = params["lora_a"], params["lora_b"]
+        return ((base(x) + layer.scale * (x @ a) @ b) * weights).sum()
+
+    def ours(params):
+        layer.update(params)
+        return (layer(x) * weights).sum()
+
+    params = {"lora_a": layer.lora_a, "lora_b": layer.lora_b}
+    np.testing.assert_allclose(np.array(layer(x)), np.array(base(x) + layer.scale * (x @ layer.lora_a) @ layer.lora_b),
+                               atol=1e-5)
+    expected, got = mx.grad(reference)(params), mx.grad(ours)(params)
+    for name in params:
+        np.testing.assert_allclose(np.array(got[name]), np.array(expected[name]), atol=1e-4)
+
+
+def test_cuda_queue_limit_respects_the_user(monkeypatch):
+    monkeypatch.setattr(trainer_module.sys, "platform", "linux")
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
+    trainer_module.limit_cuda_queue_memory()
+    import os
+
+    assert os.environ["MLX_MAX_MB_PER_BUFFER"] == trainer_module.CUDA_MAX_MB_PER_BUFFER
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "123")
+    trainer_module.limit_cuda_queue_memory()
+    assert os.environ["MLX_MAX_MB_PER_BUFFER"] == "123"
+    monkeypatch.setattr(trainer_module.sys, "platform", "darwin")  # Metal has its own defaults
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
+    trainer_module.limit_cuda_queue_memory()
+    assert "MLX_MAX_MB_PER_BUFFER" not in os.environ
+    assert math.isfinite(float(trainer_module.CUDA_MAX_MB_PER_BUFFER))
