@@ -76,14 +76,14 @@ def mlx_worker(args) -> dict:
     from models.lora import LoRAConfig, linear_to_lora_layers
     from models.tokenizer import get_tokenizer
     from models.trainer import Trainer, TrainingArgs, loss_fn
-    from models import whisper
+    from models import kernels
     from models.trainer import limit_cuda_queue_memory
     from models.whisper import ModelDimensions, Whisper
 
     limit_cuda_queue_memory()  # as lora.py does
 
     if args.worker == "mlx-unfused":
-        whisper._CUDNN_BLOCK = 1  # every length is a multiple of 1: no padding
+        kernels.CUDNN_BLOCK = 1  # every length is a multiple of 1: no padding
     device = str(mx.default_device())
     if not args.smoke and "gpu" not in device:
         raise SystemExit(f"MLX runs on {device}; the benchmark needs the GPU (or pass --smoke)")

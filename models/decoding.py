@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from .audio import CHUNK_LENGTH, N_FRAMES
+from .audio import CHUNK_LENGTH
 from .tokenizer import Tokenizer, get_tokenizer
 from .whisper import Whisper
 

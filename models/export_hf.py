@@ -7,7 +7,6 @@ and the tokenizer (tokenizer.json, vocab.json, merges.txt), which is converted f
 tiktoken vocabulary so no file has to come from the openai/whisper-* repos.
 """
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple

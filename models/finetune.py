@@ -70,7 +70,7 @@ def cache_encoder_outputs(model, features: List[D.Features], batch_size: int) ->
 
 
 def run(args) -> int:
-    from utils import load_adapters, load_model, save_adapters, write_json_atomic
+    from utils import load_adapters, load_model, save_adapters
 
     world = init_distributed()
     rank = 0 if world is None else world.rank()

@@ -7,10 +7,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,9 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .data import Features, collate, training_batches
-from .decoding import DecodingOptions, DecodingTask
-from .metrics import cer, normalize_text, wer
+from .data import Features, training_batches
 from .tokenizer import Tokenizer
 
 

@@ -9,7 +9,6 @@ from models.timing import (
     WordTiming, add_word_timestamps, dtw, find_alignment, make_monotonic, median_filter, merge_punctuations,
 )
 from models.tokenizer import get_tokenizer
-from models.whisper import ModelDimensions, Whisper
 
 
 def naive_dtw(x):

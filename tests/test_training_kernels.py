@@ -1,7 +1,7 @@
 """The training-speed paths of the model (query padding for cuDNN, lean GELU backward, LayerNorm
 without fused affine, LoRA through addmm), checked on CPU against the plain formulas.
 
-The padding only switches on under CUDA; here `_on_cuda` is forced so that the padded attention
+The padding only switches on under CUDA; here `kernels.on_cuda` is forced so that the padded attention
 runs through MLX's CPU kernels, whose results must equal the unpadded ones.
 """
 
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from models import trainer as trainer_module
-from models import whisper
+from models import kernels
 from models.lora import LoRALinear
-from models.whisper import LayerNorm, MultiHeadAttention, _gelu_lean
+from models.kernels import LayerNorm, gelu_lean
+from models.whisper import MultiHeadAttention
 
 
 def _attention_and_grads(attention, q, k, v, mask):
@@ -32,7 +33,7 @@ def _attention_and_grads(attention, q, k, v, mask):
 
 @pytest.mark.parametrize("t_q,t_k,mask", [(50, 50, None), (37, 37, "causal"), (20, 70, None)])
 def test_query_padding_changes_nothing(monkeypatch, t_q, t_k, mask):
-    monkeypatch.setattr(whisper, "_on_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "on_cuda", lambda: True)
     attention = MultiHeadAttention(64, 4)
     keys = mx.random.split(mx.random.key(0), 3)
     q, k, v = (mx.random.normal((2, t, 64), key=key).astype(mx.bfloat16)
@@ -59,7 +60,7 @@ def test_query_padding_only_where_cudnn_needs_it(monkeypatch):
     attention = MultiHeadAttention(64, 4)
     attention.train()
     assert attention._cudnn_query_padding(50, mx.bfloat16, None) == 0  # CPU: never
-    monkeypatch.setattr(whisper, "_on_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "on_cuda", lambda: True)
     assert attention._cudnn_query_padding(1500, mx.bfloat16, None) == 36
     assert attention._cudnn_query_padding(256, mx.bfloat16, None) == 0  # already a multiple of 128
     assert attention._cudnn_query_padding(50, mx.float32, None) == 0  # cuDNN: half precision only
@@ -76,12 +77,12 @@ def test_lean_gelu_matches_gelu(dtype, tolerance):
     def loss(fn):
         return lambda x: (fn(x).astype(mx.float32) * weights).sum()
 
-    assert mx.array_equal(_gelu_lean(x), nn.gelu(x))
-    lean, plain = mx.grad(loss(_gelu_lean))(x), mx.grad(loss(nn.gelu))(x)
+    assert mx.array_equal(gelu_lean(x), nn.gelu(x))
+    lean, plain = mx.grad(loss(gelu_lean))(x), mx.grad(loss(nn.gelu))(x)
     np.testing.assert_allclose(np.array(lean.astype(mx.float32)), np.array(plain.astype(mx.float32)),
                                atol=tolerance, rtol=tolerance)
     # Compiled, as in the training step.
-    compiled = mx.compile(mx.grad(loss(_gelu_lean)))(x)
+    compiled = mx.compile(mx.grad(loss(gelu_lean)))(x)
     np.testing.assert_allclose(np.array(compiled.astype(mx.float32)), np.array(lean.astype(mx.float32)),
                                atol=tolerance)
 

@@ -12,7 +12,6 @@ from models import transcribe as tr
 from models.audio import N_FRAMES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from models.decoding import DecodingOptions, DecodingResult
 from models.tokenizer import get_tokenizer
-from models.whisper import ModelDimensions, Whisper
 
 TOKENIZER = get_tokenizer(True, language="en", task="transcribe")
 BEGIN = TOKENIZER.timestamp_begin

@@ -1,10 +1,10 @@
-"""The CPU-only paths of models/whisper.py and decoding.py against their plain MLX equivalents."""
+"""The CPU-only paths of models/kernels.py, whisper.py and decoding.py against their plain MLX equivalents."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from models import whisper
+from models import kernels
 from models.decoding import _rearrange_cache, cpu_buffer_cache
 from models.whisper import ModelDimensions, Whisper
 
@@ -31,7 +31,7 @@ def features(model) -> mx.array:
 
 def test_rational_gelu_matches_the_exact_gelu():
     x = mx.concatenate([mx.linspace(-12, 12, 100_001), 3 * mx.random.normal((100_000,), key=mx.random.key(0))])
-    assert mx.abs(whisper._gelu_cpu(x) - nn.gelu(x)).max().item() < 2e-6
+    assert mx.abs(kernels.gelu_cpu(x) - nn.gelu(x)).max().item() < 2e-6
 
 
 @pytest.mark.parametrize("t_q", [1, 80])
@@ -39,14 +39,14 @@ def test_exp2_attention_matches_scaled_dot_product_attention(t_q):
     q, k, v = (2 * mx.random.normal(shape, key=mx.random.key(i))
                for i, shape in enumerate([(2, 3, t_q, 16), (2, 3, 200, 16), (2, 3, 200, 16)]))
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
-    assert mx.allclose(whisper._attend_exp2(q, k, v, 0.25), expected, atol=1e-5).item()
+    assert mx.allclose(kernels.attend_exp2(q, k, v, 0.25), expected, atol=1e-5).item()
 
 
 def test_splitting_over_cpu_streams_changes_nothing():
     q, k, v = (mx.random.normal((1, 3, 100, 16), key=mx.random.key(i)) for i in range(3))  # an odd head count
     def attend(q, k, v):
-        return whisper._attend_exp2(q, k, v, 0.25)
-    split = whisper._split_over_cpu_streams(attend, (q, k, v), axis=1)
+        return kernels.attend_exp2(q, k, v, 0.25)
+    split = kernels.split_over_cpu_streams(attend, (q, k, v), axis=1)
     assert split.shape == (1, 3, 100, 16)
     assert mx.array_equal(split, attend(q, k, v)).item()
 
