@@ -31,39 +31,46 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -
           -1.42647390514189e-02)
 
 
-def gelu_cpu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU through a rational erf, ~3.5x faster than nn.gelu on CPU."""
-    z = mx.clip(x * (1 / math.sqrt(2)), -4.0, 4.0)
+def erf_cpu(z: mx.array) -> mx.array:
+    """erf through the rational approximation above, ~3.5x faster than mx.erf on CPU."""
+    z = mx.clip(z, -4.0, 4.0)
     z2 = z * z
     p, q = _ERF_P[0], _ERF_Q[0]
     for c in _ERF_P[1:]:
         p = p * z2 + c
     for c in _ERF_Q[1:]:
         q = q * z2 + c
-    return x * (1 + z * p / q) / 2
+    return z * p / q
+
+
+def gelu_cpu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU through the rational erf."""
+    return x * (1 + erf_cpu(x * (1 / math.sqrt(2)))) / 2
 
 
 @mx.custom_function
-def gelu_lean(x: mx.array) -> mx.array:
-    """nn.gelu, differentiated from its input alone.
-
-    Autodiff through nn.gelu's formula keeps x / sqrt(2) and 1 + erf(...) as well as x for the
-    backward pass: three (batch, T, 4 * n_state) arrays per block instead of one, ~5 GB more for
-    whisper-medium at batch 8.
-    """
-    return nn.gelu(x)
-
-
-@gelu_lean.vjp
-def _gelu_lean_vjp(x, cotangent, output):
-    # d/dx x Phi(x) = Phi(x) + x phi(x), in float32.
-    x = x.astype(mx.float32)
-    slope = 0.5 * (1 + mx.erf(x * (1 / math.sqrt(2)))) + x * mx.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    return (cotangent * slope.astype(cotangent.dtype),)
-
-
 def gelu(x: mx.array) -> mx.array:
-    return gelu_cpu(x) if on_cpu() else gelu_lean(x)
+    """Exact (erf) GELU, differentiated from its input alone.
+
+    Autodiff through the formula keeps x / sqrt(2), 1 + erf(...) (and on CPU every term of the
+    rational erf) as well as x for the backward pass: several (batch, T, 4 * n_state) arrays per
+    block instead of one, ~5 GB more for whisper-medium at batch 8 on a GPU.
+    """
+    return gelu_cpu(x) if on_cpu() else nn.gelu(x)
+
+
+@gelu.vjp
+def _gelu_vjp(x, cotangent, output):
+    # d/dx x Phi(x) = Phi(x) + x phi(x), in float32; 2^x for e^x on CPU, whose exp is slow.
+    x = x.astype(mx.float32)
+    if on_cpu():
+        cdf = 0.5 * (1 + erf_cpu(x * (1 / math.sqrt(2))))
+        density = mx.power(2.0, (-0.5 * math.log2(math.e)) * x * x)
+    else:
+        cdf = 0.5 * (1 + mx.erf(x * (1 / math.sqrt(2))))
+        density = mx.exp(-0.5 * x * x)
+    slope = cdf + x * density * (1 / math.sqrt(2 * math.pi))
+    return (cotangent * slope.astype(cotangent.dtype),)
 
 
 _cpu_streams = []  # created on first use

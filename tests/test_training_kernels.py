@@ -15,7 +15,8 @@ import pytest
 from models import trainer as trainer_module
 from models import kernels
 from models.lora import LoRALinear
-from models.kernels import LayerNorm, gelu_lean
+from models.kernels import LayerNorm, gelu_cpu
+from models.kernels import gelu as gelu_lean
 from models.whisper import MultiHeadAttention
 
 
@@ -69,15 +70,17 @@ def test_query_padding_only_where_cudnn_needs_it(monkeypatch):
     assert attention._cudnn_query_padding(50, mx.bfloat16, None) == 0
 
 
+@pytest.mark.parametrize("cpu_path", [True, False])
 @pytest.mark.parametrize("dtype,tolerance", [(mx.float32, 1e-5), (mx.bfloat16, 2e-2)])
-def test_lean_gelu_matches_gelu(dtype, tolerance):
+def test_lean_gelu_matches_gelu(monkeypatch, cpu_path, dtype, tolerance):
+    monkeypatch.setattr(kernels, "on_cpu", lambda: cpu_path)  # False: the GPU formulas, run on CPU
     x = (3 * mx.random.normal((4, 33), key=mx.random.key(1))).astype(dtype)
     weights = mx.random.normal((4, 33), key=mx.random.key(2))
 
     def loss(fn):
         return lambda x: (fn(x).astype(mx.float32) * weights).sum()
 
-    assert mx.array_equal(gelu_lean(x), nn.gelu(x))
+    assert mx.array_equal(gelu_lean(x), gelu_cpu(x) if cpu_path else nn.gelu(x))
     lean, plain = mx.grad(loss(gelu_lean))(x), mx.grad(loss(nn.gelu))(x)
     np.testing.assert_allclose(np.array(lean.astype(mx.float32)), np.array(plain.astype(mx.float32)),
                                atol=tolerance, rtol=tolerance)
