@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: timing, worker subprocesses, result files.
 
-Standard library only: the scripts import this before they know which framework a
-worker will load (MLX, PyTorch, or faster-whisper in its own virtual environment).
+Standard library only at import time (the PyTorch helpers import torch when called): the
+scripts import this before they know which framework a worker will load (MLX, PyTorch, or
+faster-whisper in its own virtual environment).
 """
 
 import json
@@ -54,6 +55,46 @@ def worker_main(fn, args) -> int:
         result = {"error": f"{type(error).__name__}: {first_line[:200]}"}
     emit_result(result)
     return 0
+
+
+def torch_setup(smoke: bool, *packages: str):
+    """PyTorch's side of a worker: (torch, device, sync), after importing torch, transformers and
+    `packages`. Without them smoke mode returns {"skipped": ...} (the worker's result) and a real
+    run fails; so does a real run without CUDA."""
+    import importlib
+
+    try:
+        for name in ("torch", "transformers", *packages):
+            importlib.import_module(name)
+    except ImportError as error:
+        if smoke:
+            return {"skipped": f"{error.name} is not installed (smoke mode)"}
+        raise
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise SystemExit("PyTorch sees no CUDA device; the benchmark needs the GPU (or pass --smoke)")
+    return torch, torch.device("cuda" if cuda else "cpu"), torch.cuda.synchronize if cuda else (lambda: None)
+
+
+def transformers_whisper(shape, attn: str, device, dtype, **config):
+    """transformers' WhisperForConditionalGeneration with `shape`'s dimensions and random weights
+    (seed 0), built on `device` in `dtype`; `config` adds WhisperConfig fields."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=shape.n_vocab, num_mel_bins=shape.n_mels, d_model=shape.n_state,
+        encoder_layers=shape.n_layer, encoder_attention_heads=shape.n_head, encoder_ffn_dim=4 * shape.n_state,
+        decoder_layers=shape.n_layer, decoder_attention_heads=shape.n_head, decoder_ffn_dim=4 * shape.n_state,
+        max_source_positions=1500, max_target_positions=448, dropout=0.0, **config,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return WhisperForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
 
 
 def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> dict:

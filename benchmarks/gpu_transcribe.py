@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, markdown_table, out_dir, run_worker, seconds_left, summary, time_calls,  # noqa: E402
-                    worker_main, write_results)
+                    torch_setup, transformers_whisper, worker_main, write_results)
 from flops import SHAPES, encoder_forward  # noqa: E402
 
 SOT_SEQUENCE = [50258, 50259, 50359, 50363]  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
@@ -91,30 +91,16 @@ def mlx_worker(args) -> dict:
 
 
 def torch_worker(args) -> dict:
-    try:
-        import torch
-        import transformers
-        from transformers import WhisperConfig, WhisperForConditionalGeneration
-    except ImportError as error:
-        if args.smoke:
-            return {"skipped": f"{error.name} is not installed (smoke mode)"}
-        raise
-    transformers.logging.set_verbosity_error()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("PyTorch sees no CUDA device; this benchmark needs the GPU (or pass --smoke)")
-    device, sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", lambda: None)
+    setup = torch_setup(args.smoke)
+    if isinstance(setup, dict):
+        return setup
+    torch, device, sync = setup
+    import transformers
+
+    cuda = device.type == "cuda"
     shape, dtype = SHAPES[args.size], getattr(torch, args.dtype)
-    config = WhisperConfig(
-        vocab_size=shape.n_vocab, num_mel_bins=shape.n_mels, d_model=shape.n_state,
-        encoder_layers=shape.n_layer, encoder_attention_heads=shape.n_head, encoder_ffn_dim=4 * shape.n_state,
-        decoder_layers=shape.n_layer, decoder_attention_heads=shape.n_head, decoder_ffn_dim=4 * shape.n_state,
-        max_source_positions=1500, max_target_positions=448,
-        decoder_start_token_id=SOT_SEQUENCE[0], eos_token_id=EOT, pad_token_id=EOT, bos_token_id=EOT,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WhisperForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    model = transformers_whisper(shape, "sdpa", device, dtype, decoder_start_token_id=SOT_SEQUENCE[0],
+                                 eos_token_id=EOT, pad_token_id=EOT, bos_token_id=EOT).eval()
     mel = torch.from_numpy(random_mel(shape, args.batch)).to(device).transpose(1, 2).contiguous().to(dtype)
     prompt = torch.tensor([SOT_SEQUENCE] * args.batch, device=device)
     produced = []

@@ -20,7 +20,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, fmt, markdown_table, out_dir, run_worker, seconds_left, summary,  # noqa: E402
-                    time_calls, worker_main, write_results)
+                    time_calls, torch_setup, transformers_whisper, worker_main, write_results)
 from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops  # noqa: E402
 
 # mlx-unfused: our step without the query padding that keeps attention's backward on cuDNN's fused
@@ -184,44 +184,21 @@ def mlx_stages(args, model, trainer, batch, loss_fn, nn) -> dict:
 
 
 # ----------------------------------------------------------------------------- PyTorch worker
-def torch_model(shape, attn: str, device, dtype):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    config = WhisperConfig(
-        vocab_size=shape.n_vocab, num_mel_bins=shape.n_mels, d_model=shape.n_state,
-        encoder_layers=shape.n_layer, encoder_attention_heads=shape.n_head, encoder_ffn_dim=4 * shape.n_state,
-        decoder_layers=shape.n_layer, decoder_attention_heads=shape.n_head, decoder_ffn_dim=4 * shape.n_state,
-        max_source_positions=1500, max_target_positions=448, dropout=0.0,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WhisperForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    return get_peft_model(model, lora)
-
-
 def torch_worker(args) -> dict:
-    try:
-        import peft
-        import torch
-        import transformers
-    except ImportError as error:
-        if args.smoke:
-            return {"skipped": f"{error.name} is not installed (smoke mode)"}
-        raise
+    setup = torch_setup(args.smoke, "peft")
+    if isinstance(setup, dict):
+        return setup
+    torch, device, sync = setup
+    import peft
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
     warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.logging.set_verbosity_error()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("PyTorch sees no CUDA device; the benchmark needs the GPU (or pass --smoke)")
-    device = torch.device("cuda" if cuda else "cpu")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    shape = SHAPES[args.size]
-    attn = args.worker.split("-", 1)[1]
-    dtype = getattr(torch, args.dtype)
-    model = torch_model(shape, attn, device, dtype)
+    cuda = device.type == "cuda"
+    shape, attn, dtype = SHAPES[args.size], args.worker.split("-", 1)[1], getattr(torch, args.dtype)
+    model = transformers_whisper(shape, attn, device, dtype)
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, lora)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.01)
