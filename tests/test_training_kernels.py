@@ -1,5 +1,5 @@
-"""The training-speed paths of the model (query padding for cuDNN, lean GELU backward, LayerNorm
-without fused affine, LoRA through addmm), checked on CPU against the plain formulas.
+"""The training-speed paths of the model (query padding for cuDNN, GELU's own backward, LayerNorm's
+backward without frozen-weight gradients, LoRA through addmm), checked on CPU against the plain formulas.
 
 The padding only switches on under CUDA; here `kernels.on_cuda` is forced so that the padded attention
 runs through MLX's CPU kernels, whose results must equal the unpadded ones.
@@ -16,7 +16,7 @@ from models import trainer as trainer_module
 from models import kernels
 from models.lora import LoRALinear
 from models.kernels import LayerNorm, gelu_cpu
-from models.kernels import gelu as gelu_lean
+from models.kernels import gelu
 from models.whisper import MultiHeadAttention
 
 
@@ -72,7 +72,7 @@ def test_query_padding_only_where_cudnn_needs_it(monkeypatch):
 
 @pytest.mark.parametrize("cpu_path", [True, False])
 @pytest.mark.parametrize("dtype,tolerance", [(mx.float32, 1e-5), (mx.bfloat16, 2e-2)])
-def test_lean_gelu_matches_gelu(monkeypatch, cpu_path, dtype, tolerance):
+def test_gelu_and_its_backward_match_nn_gelu(monkeypatch, cpu_path, dtype, tolerance):
     monkeypatch.setattr(kernels, "on_cpu", lambda: cpu_path)  # False: the GPU formulas, run on CPU
     x = (3 * mx.random.normal((4, 33), key=mx.random.key(1))).astype(dtype)
     weights = mx.random.normal((4, 33), key=mx.random.key(2))
@@ -80,12 +80,12 @@ def test_lean_gelu_matches_gelu(monkeypatch, cpu_path, dtype, tolerance):
     def loss(fn):
         return lambda x: (fn(x).astype(mx.float32) * weights).sum()
 
-    assert mx.array_equal(gelu_lean(x), gelu_cpu(x) if cpu_path else nn.gelu(x))
-    lean, plain = mx.grad(loss(gelu_lean))(x), mx.grad(loss(nn.gelu))(x)
+    assert mx.array_equal(gelu(x), gelu_cpu(x) if cpu_path else nn.gelu(x))
+    lean, plain = mx.grad(loss(gelu))(x), mx.grad(loss(nn.gelu))(x)
     np.testing.assert_allclose(np.array(lean.astype(mx.float32)), np.array(plain.astype(mx.float32)),
                                atol=tolerance, rtol=tolerance)
     # Compiled, as in the training step.
-    compiled = mx.compile(mx.grad(loss(gelu_lean)))(x)
+    compiled = mx.compile(mx.grad(loss(gelu)))(x)
     np.testing.assert_allclose(np.array(compiled.astype(mx.float32)), np.array(lean.astype(mx.float32)),
                                atol=tolerance)
 
