@@ -13,15 +13,16 @@ import argparse
 import sys
 import warnings
 
+import utils
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.fuse import DTYPES, Q_BITS, Q_GROUP_SIZES
+    from models.export.fuse import Q_BITS, Q_GROUP_SIZES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model folder or Hub repo the adapters were trained on")
+    utils.add_model_flags(p, "weight dtype (default: the base model's)", model_required=True)
     p.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors + adapter_config.json")
     p.add_argument("--save-path", default="fused_model", help="MLX output folder (default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the base model's)")
     p.add_argument("--quantize", action="store_true", help="quantize Linear and Embedding layers (MLX folder only)")
     p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4, help="bits per weight (default: %(default)s)")
     p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
@@ -37,20 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from models.blas import ensure_fast_blas
-
-    ensure_fast_blas()
+    utils.start_cli()
     args = build_parser().parse_args(argv)
-    from models.fuse import FuseConfig, run
+    from models.export.fuse import FuseConfig, run
 
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
-    try:
-        config = FuseConfig(**vars(args))
-        run(config)
-    except (ValueError, OSError) as error:  # ModelLoadError and FileExistsError included
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return utils.report_errors(lambda: run(FuseConfig(**vars(args))) or 0)
 
 
 if __name__ == "__main__":

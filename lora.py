@@ -7,21 +7,24 @@ Example (Telugu, local folders with train/ and validation/):
 
 import argparse
 import json
+import math
 import sys
-from dataclasses import fields
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
+from typing import Dict, List
+
+import utils
 
 DEFAULTS_HELP = "(default: %(default)s)"
+CONFIG_VERSION = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file setting any flag below (kebab or snake case); the command line wins")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="mlx-community/whisper-tiny", help=f"base model folder or Hub repo {DEFAULTS_HELP}")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype of the base model (default: float32 on CPU, bfloat16 on GPU)")
+    utils.add_model_flags(g, "compute dtype of the base model (default: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--adapter-path", default="adapters", help=f"folder for adapters, metrics and checkpoints {DEFAULTS_HELP}")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="local folder: metadata.csv / *.jsonl, with train/ validation/ test/ subfolders or one flat set")
@@ -69,51 +72,167 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config is not None:
-        apply_config_file(parser, args.config)
-        args = parser.parse_args(argv)  # defaults now come from the file; given flags still win
-    return args
+def lora_config(args):
+    from models.tuner.lora import LoRAConfig
+
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return LoRAConfig(num_layers=args.lora_layers, rank=args.lora_rank, alpha=args.lora_alpha,
+                      scale=args.lora_scale, dropout=args.lora_dropout, targets=targets,
+                      freeze_encoder=args.freeze_encoder)
 
 
-def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
-    import yaml
+def load_splits(args) -> Dict[str, object]:
+    """{"train": [...], "validation": [...], "test": [...]} of Examples (or lazy streams)."""
+    from models.tuner import datasets
 
+    if (args.data is None) == (args.hf_dataset is None):
+        raise ValueError("give exactly one of --data DIR or --hf-dataset NAME")
+    if args.data is not None:
+        # --test alone on a flat folder scores every row; training holds out --val-fraction.
+        val_fraction = 0.0 if args.test and not args.train else args.val_fraction
+        return datasets.load_local_dataset(args.data, val_fraction=val_fraction, seed=args.seed,
+                                           text_column=args.text_column)
+    wanted = {"train": args.train_split, "validation": args.val_split}
+    if args.test:
+        wanted["test"] = args.test_split
+    return {name: datasets.load_hf_dataset(args.hf_dataset, args.hf_config, split, text_column=args.text_column,
+                                           audio_column=args.audio_column, streaming=args.streaming)
+            for name, split in wanted.items() if split}
+
+
+def featurize(examples, tokenizer, n_mels: int, args, what: str, log, verbose: bool = True) -> List:
+    from models.tuner.batches import prepare_examples
+
+    features, report = prepare_examples(examples, tokenizer, n_mels, args.language, verbose=verbose)
+    log(f"{what}: {report}")
+    return features
+
+
+def training_args(args, n_train: int, log):
+    from models.tuner.trainer import TrainingArgs
+
+    iters = args.iters
+    if args.epochs is not None:
+        if n_train == 0:
+            raise ValueError("--epochs needs a non-streaming dataset; use --iters")
+        per_epoch = math.ceil(n_train / (args.batch_size * args.grad_accumulation))
+        iters = max(1, round(args.epochs * per_epoch))
+        log(f"{args.epochs} epochs of {n_train} clips = {iters} iterations")
+    return TrainingArgs(
+        iters=iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None, grad_accumulation=args.grad_accumulation,
+        grad_checkpoint=args.grad_checkpoint, steps_per_report=args.steps_per_report,
+        steps_per_eval=args.steps_per_eval, val_batches=args.val_batches, save_every=args.save_every,
+        seed=args.seed, best_metric=args.best_metric,
+    )
+
+
+def run_test(args, model, tokenizer, splits, log) -> int:
+    """Score the test split (validation, or the flat set, when there is none) and write predictions."""
+    from models.atomic import atomic_output
+    from models.tuner.adapters import AdapterFolder
+    from models.tuner.evaluate import evaluate
+    from models.tuner.trainer import loss_fn
+
+    name = next((n for n in ("test", "validation", "train") if splits.get(n)), None)
+    if name is None:
+        raise ValueError("--test found no examples (no test, validation or flat set)")
+    features = featurize(splits[name], tokenizer, model.dims.n_mels, args, name, log)
+    result = evaluate(model, tokenizer, features, args.batch_size, loss_fn)
+    output = Path(args.test_output) if args.test_output else AdapterFolder(args.adapter_path).predictions
+    with atomic_output(output, "w", encoding="utf-8") as f:
+        for p in result.predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"split": name, "clips": len(features), "loss": result.loss, "wer": result.wer,
+                            "cer": result.cer}) + "\n")
+    log(f"Test on {name} ({len(features)} clips): {result.summary()}; predictions in {output}")
+    return 0
+
+
+def streamed_batches(args, splits, tokenizer, n_mels: int, world):
+    """batch_source for a streamed Hub dataset: its batches from micro-batch `start` on."""
+    from models.tuner.batches import stream_batches
+
+    rank, size = (0, 1) if world is None else (world.rank(), world.size())
+    return lambda start: islice(stream_batches(splits["train"], tokenizer, n_mels, args.language, args.batch_size,
+                                               rank=rank, world_size=size), start, None)
+
+
+def train(args, model, tokenizer, splits, world, log) -> int:
+    from models.tuner.adapters import AdapterFolder
+    from models.tuner.batches import encode_features
+    from models.tuner.lora import linear_to_lora_layers, parameter_count, trainable_parameter_count
+    from models.tuner.trainer import Trainer, TrainingStopped, train as train_loop
+
+    rank = 0 if world is None else world.rank()
+    folder = AdapterFolder(args.adapter_path)
+    if folder.has_adapters() and not (args.resume or args.overwrite):
+        raise ValueError(f"{folder.path} already holds adapters; pass --resume to continue that run, "
+                         f"--overwrite to replace them, or another --adapter-path")
+    config = lora_config(args)
+    linear_to_lora_layers(model, config)
+    trainable, total = trainable_parameter_count(model), parameter_count(model)
+    log(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M ({100 * trainable / total:.2f}%)")
+    n_mels, streaming = model.dims.n_mels, args.streaming and args.hf_dataset is not None
+    val = featurize(splits.get("validation", []), tokenizer, n_mels, args, "validation", log, rank == 0)
+    train_set = [] if streaming else featurize(splits["train"], tokenizer, n_mels, args, "train", log, rank == 0)
+    if not streaming and not train_set:
+        raise ValueError("no usable training examples (see the report above)")
+    if config.freeze_encoder:
+        log("Frozen encoder: computing encoder outputs once")
+        train_set, val = encode_features(model, train_set, args.batch_size), encode_features(model, val, args.batch_size)
+    training = training_args(args, len(train_set), log)
+    folder.config = {"version": CONFIG_VERSION, "base_model": str(args.model), "model_dims": model.dims.to_dict(),
+                     "lora": config.to_dict(), "training": asdict(training),
+                     "data": args.data or f"{args.hf_dataset}:{args.hf_config}", "language": args.language}
+    trainer = Trainer(model, tokenizer, training, world=world, log=log)
+    source = streamed_batches(args, splits, tokenizer, n_mels, world) if streaming else None
     try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as error:
-        parser.error(f"--config {path}: could not read it ({error})")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path}: expected a mapping of flag: value")
-    known = {a.dest for a in parser._actions}
-    defaults = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
-            parser.error(f"--config {path}: unknown setting {key!r}")
-        defaults[dest] = ",".join(value) if dest == "lora_targets" and isinstance(value, list) else value
-    parser.set_defaults(**defaults)
+        final = train_loop(trainer, train_set, val, folder, resume=args.resume, batch_source=source)
+    except TrainingStopped as stop:
+        log(str(stop))
+        return 1
+    log(f"Saved adapters to {folder.path}; final validation: {json.dumps(final)}")
+    if args.test and rank == 0:  # test predictions are not sharded: rank 0 scores them alone
+        return run_test(args, model, tokenizer, splits, log)
+    return 0
+
+
+def run(args) -> int:
+    import mlx.core as mx
+
+    from models.backend import compute_dtype
+    from models.loading import load_model
+    from models.tokenizer import tokenizer_for
+    from models.tuner.adapters import AdapterFolder, load_adapters
+    from models.tuner.distributed import init_distributed
+
+    world = init_distributed()
+    rank = 0 if world is None else world.rank()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    mx.random.seed(args.seed)
+    model = load_model(args.model, dtype=compute_dtype(args.dtype, training=True))
+    tokenizer = tokenizer_for(model, language=args.language or "en")
+    splits = load_splits(args)
+    if args.train or not args.test:
+        return train(args, model, tokenizer, splits, world, log)
+    folder = AdapterFolder(args.adapter_path)  # --test alone: base model, or base + the folder's adapters
+    if folder.has_config():
+        load_adapters(model, folder.path)
+        log(f"Loaded adapters from {folder.path}")
+    return run_test(args, model, tokenizer, splits, log) if rank == 0 else 0
 
 
 def main(argv=None) -> int:
-    from models.blas import ensure_fast_blas
-
-    ensure_fast_blas()
-    args = parse_args(argv)
-    from models.data import DatasetLoadError
-    from models.finetune import run
-    from models.trainer import limit_cuda_queue_memory
+    utils.start_cli()
+    args = utils.parse_with_config(build_parser(), argv)
+    from models.backend import limit_cuda_queue_memory
+    from models.tuner.datasets import DatasetLoadError
+    from models.tuner.distributed import DistributedError
 
     limit_cuda_queue_memory()
-
-    try:
-        return run(args)
-    except (ValueError, OSError, DatasetLoadError) as error:  # bad input: the message says what to fix
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return utils.report_errors(lambda: run(args), (ValueError, OSError, DatasetLoadError, DistributedError))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def twin_models(model_path: str, base_pkg):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from utils import load_model
+    from models.loading import load_model
 
     prop = load_model(model_path, dtype=mx.float32)
     base = base_pkg.whisper.Whisper(base_pkg.whisper.ModelDimensions(**prop.dims.to_dict()), mx.float32)
@@ -153,7 +153,7 @@ def report(timing: dict, equality: dict, enc_diff: tuple) -> str:
 def main() -> int:
     args = build_parser().parse_args()
     sys.path.insert(0, str(ROOT))
-    from models.blas import ensure_fast_blas
+    from models.backend import ensure_fast_blas
 
     ensure_fast_blas()
     import soundfile

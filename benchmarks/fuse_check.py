@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.audio import load_audio, log_mel_spectrogram, pad_or_trim  # noqa: E402
-from models.decoding import DecodingOptions, DecodingTask  # noqa: E402
-from models.fuse import FuseConfig, run  # noqa: E402
-from utils import load_adapters, load_model  # noqa: E402
+from models.inference.decoding import DecodingOptions, DecodingTask  # noqa: E402
+from models.export.fuse import FuseConfig, run  # noqa: E402
+from models.loading import load_model
+from models.tuner.adapters import load_adapters  # noqa: E402
 
 MLX_WHISPER_SCRIPT = """
 import json, sys, mlx_whisper
@@ -93,7 +94,7 @@ def check_fused(args, work: Path) -> dict:
 
 
 def check_mlx_whisper(args, work: Path) -> dict:
-    from models.transcribe import transcribe
+    from models.inference.transcribe import transcribe
 
     clips = clips_of(Path(args.data), args.limit)
     folder = work / "f16"

@@ -54,7 +54,7 @@ def random_mel(shape, batch: int):
 def mlx_worker(args) -> dict:
     import mlx.core as mx
 
-    from models.decoding import DecodingOptions, decode
+    from models.inference.decoding import DecodingOptions, decode
     from models.whisper import ModelDimensions, Whisper
 
     device = str(mx.default_device())

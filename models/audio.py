@@ -18,6 +18,7 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
 N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # the encoder's conv2 halves the frame rate
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 50 audio positions per second
+TIME_PRECISION = N_SAMPLES_PER_TOKEN / SAMPLE_RATE  # 0.02 s: the step of Whisper's timestamp tokens
 
 _ASSETS = Path(__file__).parent / "assets"
 
@@ -116,32 +117,129 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-def _mel_power(audio: np.ndarray, n_mels: int, block_frames: int = 6000) -> np.ndarray:
-    """Mel power spectrum (frames, n_mels) of a centred STFT, computed a block of frames at a time."""
-    padded = np.pad(audio, (N_FFT // 2, N_FFT // 2), mode="reflect")
-    n_frames = 1 + (len(padded) - N_FFT) // HOP_LENGTH - 1  # OpenAI drops the last frame
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
-    window, filters = _hann_window(), mel_filters(n_mels)
-    out = np.empty((n_frames, n_mels), dtype=np.float32)
-    for start in range(0, n_frames, block_frames):
-        block = frames[start : min(start + block_frames, n_frames)] * window
-        power = np.abs(np.fft.rfft(block, axis=-1)).astype(np.float32) ** 2
-        out[start : start + len(block)] = power @ filters.T
-    return out
+# --- Features: one 30 s window at a time --------------------------------------------------
+
+LAZY_AFTER_SECONDS = 600.0  # longer 16 kHz files are read block by block instead of at once
+
+
+class ArraySource:
+    """Audio already in memory (16 kHz mono float32)."""
+
+    def __init__(self, audio: np.ndarray):
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise ValueError(f"expected mono 16 kHz audio as a 1-D array, got shape {audio.shape}")
+        self.audio, self.n_samples = audio, len(audio)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.audio[start:stop]
+
+    def close(self) -> None:
+        pass
+
+
+class SoundFileSource:
+    """A 16 kHz file read lazily in blocks with soundfile (channels are averaged)."""
+
+    def __init__(self, path: Union[str, Path]):
+        import soundfile
+
+        self.file = soundfile.SoundFile(str(path))
+        if self.file.samplerate != SAMPLE_RATE:
+            raise ValueError(f"{path}: lazy reading needs {SAMPLE_RATE} Hz audio, got {self.file.samplerate} Hz")
+        self.n_samples = self.file.frames
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self.file.seek(start)
+        return self.file.read(max(stop - start, 0), dtype="float32", always_2d=True).mean(axis=1)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_audio(audio: Union[str, Path, np.ndarray], lazy_after_s: float = LAZY_AFTER_SECONDS):
+    """An audio source with `n_samples` and `read(start, stop)`: an array, or a long 16 kHz file read lazily."""
+    if isinstance(audio, np.ndarray):
+        return ArraySource(audio)
+    try:
+        import soundfile
+
+        info = soundfile.info(str(audio))
+        if info.samplerate == SAMPLE_RATE and info.frames > 0 and info.duration > lazy_after_s:
+            return SoundFileSource(audio)
+    except Exception:  # not readable by soundfile (or missing): load_audio reports it or uses ffmpeg
+        pass
+    return ArraySource(load_audio(audio))
+
+
+class MelWindows:
+    """Log-mel features of a recording, computed one 30 s window at a time.
+
+    They equal faster-whisper's whole-file features (the reference implementation's): the
+    log-mel of the audio plus one hop of zeros, floored 8 (log10) below the loudest frame of
+    the whole file; frames past the audio are zeros in the log-mel domain.
+    """
+
+    def __init__(self, source, n_mels: int = 80):
+        self.source, self.n_mels = source, n_mels
+        self.n_samples = source.n_samples
+        self.content_frames = self.n_samples // HOP_LENGTH
+        self.duration = self.n_samples / SAMPLE_RATE
+        n_frames = self.content_frames + 1  # the hop of zeros adds one frame
+        self.log_max = max(  # a first streaming pass: the floor depends on the loudest frame
+            np.log10(np.maximum(self._power(start, min(start + N_FRAMES, n_frames)).max(), np.float32(1e-10)))
+            for start in range(0, n_frames, N_FRAMES)
+        )
+
+    def window(self, seek: int) -> np.ndarray:
+        """(N_FRAMES, n_mels) features of frames [seek, seek + N_FRAMES), zero-padded past the audio."""
+        stop = min(seek + N_FRAMES, self.content_frames)
+        if stop <= seek:
+            return np.zeros((N_FRAMES, self.n_mels), dtype=np.float32)
+        log_spec = np.log10(np.maximum(self._power(seek, stop), np.float32(1e-10)))
+        log_spec = (np.maximum(log_spec, self.log_max - 8.0) + 4.0) / 4.0
+        return pad_or_trim(log_spec, N_FRAMES)
+
+    def _samples(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of the audio plus one hop of zeros, reflect-padded by N_FFT // 2."""
+        n = self.n_samples + HOP_LENGTH
+        index = np.arange(start, stop) - N_FFT // 2
+        period = 2 * (n - 1)
+        index = np.abs(index) % period  # reflection at both ends, as np.pad(mode="reflect")
+        index = np.where(index >= n, period - index, index)
+        lo, hi = int(index.min()), int(index.max()) + 1
+        block = np.zeros(hi - lo, dtype=np.float32)
+        audio = self.source.read(min(lo, self.n_samples), min(hi, self.n_samples))
+        block[: len(audio)] = audio
+        return block[index - lo]
+
+    def _power(self, start: int, stop: int) -> np.ndarray:
+        """Mel power (stop - start, n_mels) of frames [start, stop), with audio.py's numerics."""
+        samples = self._samples(start * HOP_LENGTH, (stop - 1) * HOP_LENGTH + N_FFT)
+        frames = np.lib.stride_tricks.sliding_window_view(samples, N_FFT)[::HOP_LENGTH] * _hann_window()
+        power = np.abs(np.fft.rfft(frames, axis=-1)).astype(np.float32) ** 2
+        return power @ mel_filters(self.n_mels).T
+
+
 
 
 def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
-    """Whisper's log-mel features of 16 kHz mono audio: (n_frames, n_mels) float32.
+    """Whisper's log-mel features of all of 16 kHz mono `audio`: (n_samples // HOP_LENGTH, n_mels).
 
-    `padding` zero samples are appended first (long-form transcription pads by 30 s).
+    `padding` zero samples are appended first. The same numbers as `MelWindows`, all at once.
     """
     audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
-    if padding > 0:
-        audio = np.pad(audio, (0, padding))
-    if len(audio) <= N_FFT // 2:  # reflect padding needs more samples than half a window
-        audio = np.pad(audio, (0, N_FFT // 2 + 1 - len(audio)))
-    log_spec = np.log10(np.maximum(_mel_power(audio, n_mels), 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return (log_spec + 4.0) / 4.0
+    windows = MelWindows(ArraySource(np.pad(audio, (0, padding)) if padding > 0 else audio), n_mels)
+    return np.concatenate([windows.window(seek)[: windows.content_frames - seek]
+                           for seek in range(0, max(windows.content_frames, 1), N_FRAMES)])
+
+
+def clip_features(audio: np.ndarray, n_mels: int = 80, pad_audio: bool = False) -> np.ndarray:
+    """The (N_FRAMES, n_mels) features of a clip of at most 30 s, as training and evaluation see it.
+
+    `pad_audio`: pad the audio with silence to 30 s before the log-mel (frames past the clip
+    are the silence floor); otherwise the log-mel is zero-padded, as transcription does.
+    """
+    if pad_audio:
+        audio = pad_or_trim(np.asarray(audio, dtype=np.float32), N_SAMPLES)
+    return MelWindows(ArraySource(audio), n_mels).window(0)

@@ -1,30 +1,28 @@
-"""Backend-specific fast paths of the Whisper model: same results, less time or memory.
+"""The Whisper model's kernels, with their per-backend fast paths: same results, less time or memory.
 
-CPU (inference and training): a rational-erf GELU, softmax attention with 2^x, encoder heads
-split over two CPU streams, a contiguous transposed vocabulary projection. CUDA training: query
-padding that keeps attention's backward on cuDNN's fused kernel. Training anywhere: GELU and
-LayerNorm whose backward passes keep and compute only what frozen weights need.
+`attention`, `cross_attention_cache`, `vocab_logits`, `gelu` and `LayerNorm` are what
+models/whisper.py calls; each picks its path here:
+- CPU (inference and training): a rational-erf GELU, softmax attention with 2^x, encoder heads
+  split over two CPU streams, cross-attention keys stored transposed, a contiguous transposed
+  vocabulary projection.
+- CUDA training: query padding that keeps attention's backward on cuDNN's fused kernel.
+- Training anywhere: GELU and LayerNorm whose backward passes keep and compute only what
+  frozen weights need.
 """
 
 import math
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
-def on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
-
+from .backend import on_cpu, on_cuda
 
 CUDNN_BLOCK = 128  # query-length multiple for cuDNN's fused attention backward in MLX's CUDA backend
 
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (Eigen's float erf, max error 4e-7): MLX's CPU erf goes
-# through its slow exp, and made GELU a sixth of the encoder's time on CPU.
+# through its slow exp (benchmarks/README.md, CPU transcription).
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
@@ -32,7 +30,7 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -
 
 
 def erf_cpu(z: mx.array) -> mx.array:
-    """erf through the rational approximation above, ~3.5x faster than mx.erf on CPU."""
+    """erf through the rational approximation above (CPU: faster than mx.erf)."""
     z = mx.clip(z, -4.0, 4.0)
     z2 = z * z
     p, q = _ERF_P[0], _ERF_Q[0]
@@ -54,7 +52,7 @@ def gelu(x: mx.array) -> mx.array:
 
     Autodiff through the formula keeps x / sqrt(2), 1 + erf(...) (and on CPU every term of the
     rational erf) as well as x for the backward pass: several (batch, T, 4 * n_state) arrays per
-    block instead of one, ~5 GB more for whisper-medium at batch 8 on a GPU.
+    block instead of one.
     """
     return gelu_cpu(x) if on_cpu() else nn.gelu(x)
 
@@ -81,7 +79,7 @@ def split_over_cpu_streams(fn, arrays, axis: int) -> mx.array:
 
     MLX runs each CPU elementwise or reduction kernel on one thread, so the softmax passes of
     the encoder's attention left the second core idle between BLAS calls; two streams run two
-    halves of the heads at once (about 0.1 s less per window for base on 2 cores).
+    halves of the heads at once.
     """
     n = arrays[0].shape[axis]
     if n < 2:
@@ -100,8 +98,8 @@ def attend_exp2(q, k, v, scale: float) -> mx.array:
     """softmax(q k^T * scale) v with 2^x instead of e^x (log2(e) folded into the scale).
 
     For long unmasked attention on CPU (the encoder, cross-attention over a long prompt): MLX's
-    CPU exp is ~3x slower than its power(2, x), and the softmax over (heads, 1500, 1500) was
-    half of each encoder block. The row sums come out of the product with v (a column of ones
+    CPU exp is slower than its power(2, x), and the softmax over (heads, 1500, 1500) dominates
+    each encoder block. The row sums come out of the product with v (a column of ones
     appended to it) instead of another pass over (heads, T, T), and the division is then over
     (heads, T, d_head).
     """
@@ -149,6 +147,75 @@ class LayerNorm(nn.LayerNorm):
         if self.training and frozen and self.eps == _LN_EPS:
             return _layer_norm_frozen_affine(x, self.weight, self.bias)
         return super().__call__(x)
+
+
+def cudnn_query_padding(t_q: int, dtype: mx.Dtype, mask, training: bool) -> int:
+    """Zero query rows to append in training on CUDA so that attention's backward stays fused.
+
+    MLX's CUDA backend differentiates attention with cuDNN's fused kernel only when the query
+    length is a multiple of 128; otherwise it falls back to the unfused product and keeps every
+    (batch, heads, T, T) weight matrix for the backward pass. Zero queries past the end change
+    nothing: their outputs are dropped, so their output gradient is zero and they add nothing
+    to the keys' and values' gradients.
+    """
+    if not (training and t_q % CUDNN_BLOCK and (mask is None or isinstance(mask, str))):
+        return 0
+    if dtype not in (mx.float16, mx.bfloat16) or not on_cuda():
+        return 0
+    return -t_q % CUDNN_BLOCK
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[None, str, mx.array] = None,
+              training: bool = False) -> mx.array:
+    """softmax(q k^T * scale + mask) v for (batch, heads, T, d_head) arrays; `mask` may be "causal"."""
+    t_q = q.shape[2]
+    if mask is None and t_q >= 64 and on_cpu():
+        return split_over_cpu_streams(lambda q, k, v: attend_exp2(q, k, v, scale), (q, k, v), axis=1)
+    pad = cudnn_query_padding(t_q, q.dtype, mask, training)
+    if pad:
+        q = append_zero_rows(q, pad)
+        if mask == "causal":  # equal lengths keep the causal mask's meaning; padded keys come last
+            k, v = append_zero_rows(k, pad), append_zero_rows(v, pad)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if pad:
+        # split, not a slice: a slice's gradient is a zero-filled full-size copy, a split's
+        # is the kept part joined with zeros for the dropped rows.
+        out = mx.split(out, [t_q], axis=2)[0]
+    return out
+
+
+def attention_with_weights(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                           mask: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+    """`attention` and its pre-softmax scores (float32), for the alignment heads of word timestamps."""
+    qk = (q * scale) @ k.transpose(0, 1, 3, 2)
+    if mask is not None:
+        qk = qk + mask
+    qk = qk.astype(mx.float32)
+    weights = mx.softmax(qk, axis=-1).astype(q.dtype)
+    return weights @ v, qk
+
+
+def cross_attention_cache(k: mx.array, v: mx.array) -> Tuple[mx.array, mx.array]:
+    """The cached layout of cross-attention keys and values, (batch, heads, T, d_head) each.
+
+    On CPU the values are made contiguous and the keys are stored as (batch, heads, d_head, T),
+    viewed transposed: the score product q k^T then reads them without a copy.
+    """
+    if on_cpu():
+        return mx.contiguous(k.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2), mx.contiguous(v)
+    return k, v
+
+
+def vocab_logits(x: mx.array, embedding: nn.Module, transposed: "TransposedCopy", training: bool) -> mx.array:
+    """x @ embedding.weight.T: on CPU in inference, through a contiguous copy of the transpose.
+
+    With one row per decoded token, OpenBLAS's sgemm reads a (n_vocab, n_state) weight seen
+    transposed more slowly than a contiguous (n_state, n_vocab) one. The copy is made on the
+    first call and costs n_vocab * n_state more floats of memory.
+    """
+    if on_cpu() and not training and type(embedding) is nn.Embedding:
+        return x @ transposed(embedding.weight)
+    return embedding.as_linear(x)
 
 
 class TransposedCopy:

@@ -6,11 +6,14 @@ import string
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import tiktoken
 
+from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES_PER_TOKEN, TIME_PRECISION
+
 _ASSETS = Path(__file__).parent / "assets"
+N_TIMESTAMPS = N_FRAMES // (N_SAMPLES_PER_TOKEN // HOP_LENGTH) + 1  # <|0.00|> ... <|30.00|>
 
 # Whisper language codes -> English names, in token order (the 100th, Cantonese, is large-v3's).
 LANGUAGES: Dict[str, str] = json.loads((_ASSETS / "languages.json").read_text(encoding="utf-8"))
@@ -47,7 +50,7 @@ def get_encoding(name: str = "multilingual", num_languages: int = 99) -> tiktoke
     specials += [f"<|{code}|>" for code in list(LANGUAGES)[:num_languages]]
     specials += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>"]
     specials += ["<|nospeech|>", "<|notimestamps|>"]
-    specials += [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    specials += [f"<|{i * TIME_PRECISION:.2f}|>" for i in range(N_TIMESTAMPS)]
     special_tokens = {token: len(ranks) + i for i, token in enumerate(specials)}
     return tiktoken.Encoding(
         name=f"{name}-{num_languages}",
@@ -139,6 +142,17 @@ class Tokenizer:
                     result.add(tokens[0])
         return tuple(sorted(result))
 
+    def suppressed_tokens(self, spec: Union[str, Sequence[int], None] = "-1") -> List[int]:
+        """Tokens decoding never samples: `spec` ("-1" means the non-speech symbols, as OpenAI's
+        default; ids or a comma-separated string add others) plus the task and prompt specials."""
+        if isinstance(spec, str):
+            spec = [int(t) for t in spec.split(",") if t.strip()]
+        spec = list(spec or [])
+        if -1 in spec:
+            spec = [t for t in spec if t >= 0] + list(self.non_speech_tokens)
+        spec += [self.transcribe, self.translate, self.sot, self.sot_prev, self.sot_lm, self.no_speech]
+        return sorted({t for t in spec if 0 <= t < self.encoding.n_vocab})
+
     def split_to_word_tokens(self, tokens: List[int]) -> Tuple[List[str], List[List[int]]]:
         """Group tokens into words: by space, or by whole Unicode characters for no-space scripts."""
         if self.language in NO_SPACE_LANGUAGES:
@@ -169,6 +183,11 @@ class Tokenizer:
                 current = []
                 position += len(decoded)
         return words, word_tokens
+
+
+def tokenizer_for(model, language: Optional[str] = None, task: Optional[str] = "transcribe") -> Tokenizer:
+    """The tokenizer of `model` (a Whisper): its vocabulary, with `language` and `task` set."""
+    return get_tokenizer(model.is_multilingual, model.num_languages, language=language, task=task)
 
 
 @lru_cache(maxsize=None)

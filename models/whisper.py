@@ -67,68 +67,25 @@ class MultiHeadAttention(nn.Module):
             if kv_cache is not None:
                 k = mx.concatenate([kv_cache[0], k], axis=1)
                 v = mx.concatenate([kv_cache[1], v], axis=1)
-        elif kv_cache is None:
-            # Cross-attention keys/values are cached split into heads. On CPU the values are made
-            # contiguous and the keys are stored as (batch, heads, d_head, T), viewed transposed:
-            # the score product q k^T then reads them without a copy (0.74 -> 0.39 ms per layer
-            # and decoded token for base).
-            k, v = self._split_heads(self.key(xa)), self._split_heads(self.value(xa))
-            if kernels.on_cpu():
-                k, v = mx.contiguous(k.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2), mx.contiguous(v)
+            cache = (k, v)
+            k, v = self._split_heads(k), self._split_heads(v)
+        elif kv_cache is None:  # cross-attention keys/values depend on the audio only: cached split
+            k, v = kernels.cross_attention_cache(self._split_heads(self.key(xa)), self._split_heads(self.value(xa)))
+            cache = (k, v)
         else:
-            k, v = kv_cache  # cross-attention keys/values depend on the audio only
-        out, qk = self._attend(q, k, v, mask, return_qk)
-        return self.out(out), (k, v), qk
+            k, v = cache = kv_cache
+        b, t_q, d = q.shape
+        q, scale = self._split_heads(q), (d // self.n_head) ** -0.5
+        qk = None
+        if return_qk:
+            out, qk = kernels.attention_with_weights(q, k, v, scale, mask)
+        else:
+            out = kernels.attention(q, k, v, scale, mask, self.training)
+        return self.out(out.transpose(0, 2, 1, 3).reshape(b, t_q, d)), cache, qk
 
     def _split_heads(self, x):
         b, t, d = x.shape
         return x.reshape(b, t, self.n_head, d // self.n_head).transpose(0, 2, 1, 3)
-
-    def _cudnn_query_padding(self, t_q: int, dtype: mx.Dtype, mask) -> int:
-        """Zero query rows to append in training on CUDA so that attention's backward stays fused.
-
-        MLX's CUDA backend differentiates attention with cuDNN's fused kernel only when the query
-        length is a multiple of 128; otherwise it falls back to the unfused product and keeps every
-        (batch, heads, T, T) weight matrix for the backward pass (~14 GB for whisper-medium at
-        batch 8). Zero queries past the end change nothing: their outputs are dropped, so their
-        output gradient is zero and they add nothing to the keys' and values' gradients.
-        """
-        if not (self.training and t_q % kernels.CUDNN_BLOCK and (mask is None or isinstance(mask, str))):
-            return 0
-        if dtype not in (mx.float16, mx.bfloat16) or not kernels.on_cuda():
-            return 0
-        return -t_q % kernels.CUDNN_BLOCK
-
-    def _attend(self, q, k, v, mask, return_qk):
-        b, t_q, d = q.shape
-        q = self._split_heads(q)
-        if k.ndim == 3:  # cached cross-attention keys/values come split already
-            k, v = self._split_heads(k), self._split_heads(v)
-        scale = (d // self.n_head) ** -0.5
-        if not return_qk and mask is None and t_q >= 64 and kernels.on_cpu():
-            attend = lambda q, k, v: kernels.attend_exp2(q, k, v, scale)  # noqa: E731
-            out = kernels.split_over_cpu_streams(attend, (q, k, v), axis=1)
-            return out.transpose(0, 2, 1, 3).reshape(b, t_q, d), None
-        if not return_qk:
-            pad = self._cudnn_query_padding(t_q, q.dtype, mask)
-            if pad:
-                q = kernels.append_zero_rows(q, pad)
-                if mask == "causal":  # equal lengths keep the causal mask's meaning; padded keys come last
-                    k, v = kernels.append_zero_rows(k, pad), kernels.append_zero_rows(v, pad)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-            if pad:
-                # split, not a slice: a slice's gradient is a zero-filled full-size copy, a split's
-                # is the kept part joined with zeros for the dropped rows.
-                out = mx.split(out, [t_q], axis=2)[0]
-            return out.transpose(0, 2, 1, 3).reshape(b, t_q, d), None
-        # The alignment heads need the attention weights themselves (word timestamps only).
-        qk = (q * scale) @ k.transpose(0, 1, 3, 2)
-        if mask is not None:
-            qk = qk + mask
-        qk = qk.astype(mx.float32)
-        weights = mx.softmax(qk, axis=-1).astype(q.dtype)
-        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t_q, d)
-        return out, qk
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -211,16 +168,7 @@ class TextDecoder(nn.Module):
         return self._vocab_logits(x), new_cache, cross_qk
 
     def _vocab_logits(self, x: mx.array) -> mx.array:
-        """x @ token_embedding.weight.T: on CPU in inference, through a contiguous copy of the transpose.
-
-        With one row per decoded token, OpenBLAS's sgemm reads a (n_vocab, n_state) weight
-        seen transposed more slowly than a contiguous (n_state, n_vocab) one (9.5 -> 8 ms per
-        token for base). The copy is made on the first call (~0.2 s for base) and costs
-        n_vocab * n_state more floats of memory.
-        """
-        if kernels.on_cpu() and not self.training and type(self.token_embedding) is nn.Embedding:
-            return x @ self._embedding_t(self.token_embedding.weight)
-        return self.token_embedding.as_linear(x)
+        return kernels.vocab_logits(x, self.token_embedding, self._embedding_t, self.training)
 
 
 class Whisper(nn.Module):
@@ -248,6 +196,11 @@ class Whisper(nn.Module):
         if heads.ndim == 1:  # a flat boolean mask over (layer, head)
             heads = np.argwhere(heads.reshape(self.dims.n_text_layer, self.dims.n_text_head))
         self._alignment_heads = mx.array(heads.astype(np.int32))
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype (of the float weights; the scales' dtype when quantized)."""
+        return self.decoder.ln.weight.dtype
 
     def embed_audio(self, mel: mx.array) -> mx.array:
         return self.encoder(mel)

@@ -1,17 +1,48 @@
-"""Shared fixtures: a tiny random Whisper built from the dimensions dataclass."""
+"""Shared fixtures: tiny random Whisper models built from the dimensions dataclass, and their folders."""
+
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
+from models.loading import save_model
 from models.whisper import ModelDimensions, Whisper
 
-TINY_DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                            n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BASE_MODEL = SHARED / "models" / "whisper-base-mlx"
+# The one sys.path entry of the tests: benchmarks/ is a folder of scripts, not a package.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def tiny_dims(**overrides) -> ModelDimensions:
+    """A one-layer, 64-wide multilingual Whisper shape (30 s audio context); `overrides` change fields."""
+    dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
+                n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
+    return ModelDimensions(**{**dims, **overrides})
+
+
+def tiny_whisper(seed: int = 0, **overrides) -> Whisper:
+    """A tiny random model of `tiny_dims(**overrides)`, drawn with `seed`."""
+    mx.random.seed(seed)
+    model = Whisper(tiny_dims(**overrides))
+    mx.eval(model.parameters())
+    return model
+
+
+def write_model_folder(folder: Path, seed: int = 0, **overrides) -> Path:
+    """An MLX model folder (config.json + weights.safetensors) of `tiny_whisper(seed, **overrides)`."""
+    save_model(tiny_whisper(seed, **overrides), folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Whisper:
-    mx.random.seed(0)
-    model = Whisper(TINY_DIMS)
-    mx.eval(model.parameters())
-    return model
+    return tiny_whisper()
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """The folder of the `tiny_model` weights, for the scripts' --model."""
+    return write_model_folder(tmp_path_factory.mktemp("model") / "tiny")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from models.blas import NO_REEXEC_ENV, OPENBLAS, _has_gpu
+from models.backend import NO_REEXEC_ENV, OPENBLAS, _has_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD = ("import json, os, sys; from models.blas import ensure_fast_blas; ensure_fast_blas(); "
+CHILD = ("import json, os, sys; from models.backend import ensure_fast_blas; ensure_fast_blas(); "
          "maps = open('/proc/self/maps').read(); "
          "print(json.dumps([os.environ.get('LD_PRELOAD'), sys.argv[1:], "
          "'openblas-pthread/libblas.so.3' in maps]))")

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models import data
+from models.tuner import batches
 from models.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
-from models.data import (DropReport, Example, collate, epoch_batches, iterate_batches, label_tokens,
-                         load_hf_dataset, load_local_dataset, prepare_examples, read_manifest,
-                         stream_batches, training_batches)
+from models.tuner.datasets import DropReport, Example, load_hf_dataset, load_local_dataset, read_manifest
+from models.tuner.batches import collate, epoch_batches, iterate_batches, label_tokens, prepare_examples, stream_batches, training_batches
 from models.tokenizer import get_tokenizer
 
 TE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "te"
@@ -51,7 +50,7 @@ def make_features(lengths, n_mels=80):
     """Features with label sequences of the given lengths (ending in eot) and tiny random mels."""
     rng = np.random.default_rng(0)
     return [
-        data.Features(rng.standard_normal((N_FRAMES, n_mels)).astype(np.float16),
+        batches.Features(rng.standard_normal((N_FRAMES, n_mels)).astype(np.float16),
                       np.array(list(range(1, n)) + [50257], dtype=np.int32), f"row{i}")
         for i, n in enumerate(lengths)
     ]
@@ -127,9 +126,9 @@ def test_label_tokens_for_hello_in_english(tokenizer):
     assert label_tokens(tokenizer, "hello", "te")[1] == tokenizer.to_language_token("te")
     english_only = get_tokenizer(multilingual=False)
     assert label_tokens(english_only, "hello", None).tolist() == [50257, 50362, 23748, 50256]  # gpt2 " hello"
-    with pytest.raises(data.DroppedExample, match="English-only"):
+    with pytest.raises(batches.DroppedExample, match="English-only"):
         label_tokens(english_only, "hello", "te")
-    with pytest.raises(data.DroppedExample, match="no default language"):
+    with pytest.raises(batches.DroppedExample, match="no default language"):
         label_tokens(tokenizer, "hello", None)
     assert label_tokens(tokenizer, "olá", "pt-BR")[1] == tokenizer.to_language_token("pt")
 

@@ -21,10 +21,11 @@ import pytest
 import soundfile as sf
 
 from models.audio import SAMPLE_RATE
-from models.data import Example, stream_batches
+from models.tuner.datasets import Example
+from models.tuner.batches import stream_batches
 from models.tokenizer import get_tokenizer
 from models.whisper import ModelDimensions, Whisper
-from utils import save_model
+from models.loading import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).parent / "mlx.launch"

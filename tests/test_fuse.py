@@ -13,13 +13,14 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 import fuse
-import utils
-from models.blas import NO_REEXEC_ENV
-from models.decoding import DecodingOptions, DecodingTask
-from models.fuse import FuseConfig, run
-from models.lora import LoRAConfig, linear_to_lora_layers
+from models import atomic, loading
+from models.backend import NO_REEXEC_ENV
+from models.inference.decoding import DecodingOptions, DecodingTask
+from models.export.fuse import FuseConfig, run
+from models.tuner.lora import LoRAConfig, linear_to_lora_layers
 from models.whisper import ModelDimensions, Whisper
-from utils import ModelLoadError, load_adapters, load_model, save_adapters, save_model
+from models.loading import ModelLoadError, load_model, save_model
+from models.tuner.adapters import load_adapters, save_adapters
 
 DIMS = ModelDimensions(n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
                        n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=4, n_text_layer=2)
@@ -200,10 +201,10 @@ def test_a_crash_leaves_no_half_folder(base, adapter, tmp_path, monkeypatch):
 
 def test_hf_names_round_trip(base):
     weights = dict(tree_flatten(load_model(str(base)).parameters()))
-    hf = utils.mlx_to_hf_weights(weights)
+    hf = loading.mlx_to_hf_weights(weights)
     assert "model.decoder.layers.1.encoder_attn.v_proj.weight" in hf
     assert hf["model.encoder.conv1.weight"].shape == (64, 80, 3)  # (out, in, kernel)
-    back = utils.hf_to_mlx_weights(hf)
+    back = loading.hf_to_mlx_weights(hf)
     assert back.keys() == weights.keys()
     assert all(mx.array_equal(back[k], weights[k]).item() for k in weights)
 

@@ -16,9 +16,9 @@ import soundfile as sf
 
 import lora
 from models.audio import SAMPLE_RATE
-from models.blas import NO_REEXEC_ENV
+from models.backend import NO_REEXEC_ENV
 from models.whisper import ModelDimensions, Whisper
-from utils import save_model
+from models.loading import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real audio is 30 s of mel frames, so the encoder keeps its 1500 positions; everything else is

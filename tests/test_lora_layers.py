@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from models.lora import (
+from models.tuner.lora import (
     DEFAULT_TARGETS,
     VALID_TARGETS,
     LoRAConfig,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.metrics import cer, char_errors, edit_distance, normalize_text, wer, word_errors
+from models.tuner.metrics import cer, char_errors, edit_distance, normalize_text, wer, word_errors
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "reference"
 # Rounded numbers from the reference README, as percentages: (WER, CER).

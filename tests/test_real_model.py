@@ -14,9 +14,9 @@ import pytest
 import soundfile
 
 from models.audio import SAMPLE_RATE, load_audio
-from models.decoding import DecodingOptions
-from models.metrics import normalize_text, wer
-from models.transcribe import transcribe, transcribe_batch
+from models.inference.decoding import DecodingOptions
+from models.tuner.metrics import normalize_text, wer
+from models.inference.transcribe import transcribe, transcribe_batch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODEL = SHARED / "models" / "whisper-base-mlx"
@@ -30,7 +30,7 @@ GREEDY = DecodingOptions(language="en", without_timestamps=True)
 
 @pytest.fixture(scope="module")
 def model():
-    from utils import load_model
+    from models.loading import load_model
 
     return load_model(str(MODEL))
 

@@ -30,16 +30,18 @@ from mlx.utils import tree_flatten
 import lora as lora_cli
 import transcribe as transcribe_cli
 import utils
+from models import atomic
 from models import audio as audio_module
-from models import transcribe as tr
+from models.inference import transcribe as tr
 from models.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio, log_mel_spectrogram
-from models.data import (DatasetLoadError, DroppedExample, Example, Features, label_tokens, load_local_dataset,
-                         prepare_examples, read_manifest)
-from models.lora import LoRAConfig, linear_to_lora_layers
+from models.tuner.datasets import DatasetLoadError, Example, load_local_dataset, read_manifest
+from models.tuner.batches import DroppedExample, Features, label_tokens, prepare_examples
+from models.tuner.lora import LoRAConfig, linear_to_lora_layers
 from models.tokenizer import get_tokenizer
-from models.trainer import RESUME_FILE, Trainer, TrainingArgs, TrainingStopped, train
+from models.tuner.trainer import RESUME_FILE, Trainer, TrainingArgs, TrainingStopped, train
 from models.whisper import ModelDimensions, Whisper
-from utils import ModelLoadError, load_adapters, load_model, save_adapters, save_model
+from models.loading import ModelLoadError, load_model, save_model
+from models.tuner.adapters import load_adapters, save_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
@@ -608,7 +610,7 @@ def test_resume_after_sigkill_gives_the_same_adapters_as_an_uninterrupted_run(tm
 SAVE_LOOP = """
 import sys
 import mlx.core as mx
-from utils import save_safetensors_atomic
+from models.atomic import save_safetensors_atomic
 
 step = 0
 while True:
@@ -653,11 +655,11 @@ def disk_full(monkeypatch):
 
 def test_disk_full_on_save_is_a_clear_error_and_keeps_the_previous_file(tmp_path, disk_full):
     weights, config = tmp_path / "adapters.safetensors", tmp_path / "adapter_config.json"
-    utils.save_safetensors_atomic(weights, {"a": mx.ones((4,))})
-    utils.write_json_atomic(config, {"version": 1})
+    atomic.save_safetensors_atomic(weights, {"a": mx.ones((4,))})
+    atomic.write_json_atomic(config, {"version": 1})
     disk_full()
-    for path, save in ((weights, lambda: utils.save_safetensors_atomic(weights, {"a": mx.zeros((4,))})),
-                       (config, lambda: utils.write_json_atomic(config, {"version": 2}))):
+    for path, save in ((weights, lambda: atomic.save_safetensors_atomic(weights, {"a": mx.zeros((4,))})),
+                       (config, lambda: atomic.write_json_atomic(config, {"version": 2}))):
         with pytest.raises(OSError) as error:
             save()
         assert error.value.errno == errno.ENOSPC

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models.audio import N_FRAMES
-from models.timing import (
+from models.inference.timing import (
     WordTiming, add_word_timestamps, dtw, find_alignment, make_monotonic, median_filter, merge_punctuations,
 )
 from models.tokenizer import get_tokenizer

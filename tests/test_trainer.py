@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from models.data import Features, collate, label_tokens
-from models.lora import VALID_TARGETS, LoRAConfig, LoRALinear, linear_to_lora_layers
+from models.tuner.batches import Features, collate, label_tokens
+from models.tuner.lora import VALID_TARGETS, LoRAConfig, LoRALinear, linear_to_lora_layers
 from models.tokenizer import get_tokenizer
-from models.trainer import Trainer, TrainingArgs, TrainingStopped, loss_fn, train
+from models.tuner.trainer import Trainer, TrainingArgs, TrainingStopped, loss_fn, train
 from models.whisper import ModelDimensions, Whisper
-from utils import ModelLoadError, load_adapters, save_adapters
+from models.loading import ModelLoadError
+from models.tuner.adapters import load_adapters, save_adapters
 
 # 16 audio positions (32 mel frames) keep the encoder cheap. The full vocabulary is needed
 # wherever the loop decodes (validation); elsewhere 1024 tokens make the logits 50x cheaper.

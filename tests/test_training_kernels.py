@@ -12,9 +12,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models import trainer as trainer_module
+from models.tuner import trainer as trainer_module
 from models import kernels
-from models.lora import LoRALinear
+from models.tuner.lora import LoRALinear
 from models.kernels import LayerNorm, gelu_cpu
 from models.kernels import gelu
 from models.whisper import MultiHeadAttention

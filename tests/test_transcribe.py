@@ -8,9 +8,9 @@ import pytest
 import soundfile
 
 import transcribe as cli
-from models import transcribe as tr
+from models.inference import transcribe as tr
 from models.audio import N_FRAMES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from models.decoding import DecodingOptions, DecodingResult
+from models.inference.decoding import DecodingOptions, DecodingResult
 from models.tokenizer import get_tokenizer
 
 TOKENIZER = get_tokenizer(True, language="en", task="transcribe")
@@ -283,10 +283,10 @@ def test_cli_names_outputs_of_same_named_inputs_apart(tmp_path, canned):
 
 
 def test_cli_transcribes_with_a_real_model_folder(tmp_path, tiny_model, monkeypatch, capsys):
-    import utils
+    from models.loading import save_model
 
     monkeypatch.setenv("WHISPER_MLX_NO_REEXEC", "1")
-    utils.save_model(tiny_model, tmp_path / "model")
+    save_model(tiny_model, tmp_path / "model")
     soundfile.write(tmp_path / "tone.wav", noise(2), SAMPLE_RATE)
     code = cli.main([str(tmp_path / "tone.wav"), "--model", str(tmp_path / "model"), "--language", "en",
                      "--temperature-increment-on-fallback", "none", "--output-format", "json",

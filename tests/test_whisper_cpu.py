@@ -5,7 +5,7 @@ import mlx.nn as nn
 import pytest
 
 from models import kernels
-from models.decoding import _rearrange_cache, cpu_buffer_cache
+from models.inference.decoding import _rearrange_cache, cpu_buffer_cache
 from models.whisper import ModelDimensions, Whisper
 
 DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=1,

@@ -8,7 +8,7 @@ import pytest
 import srt
 import webvtt
 
-from models.writers import (SUPPORTED_FORMATS, expand_formats, format_timestamp, output_stem,
+from models.inference.writers import (SUPPORTED_FORMATS, expand_formats, format_timestamp, output_stem,
                             write_result)
 
 RESULT = {

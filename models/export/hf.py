@@ -15,25 +15,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from utils import atomic_folder, mlx_to_hf_weights, save_safetensors_atomic, write_json_atomic
+from ..atomic import atomic_folder, save_safetensors_atomic, write_json_atomic
+from ..loading import mlx_to_hf_weights
 
-from .audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
-from .tokenizer import Tokenizer, get_tokenizer
-from .whisper import Whisper, sinusoids
+from ..audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from ..tokenizer import Tokenizer, tokenizer_for
+from ..whisper import Whisper, sinusoids
 
 _TIMESTAMP = re.compile(r"<\|\d+\.\d+\|>")
-
-
-def model_tokenizer(model: Whisper, language: Optional[str] = None) -> Tokenizer:
-    return get_tokenizer(model.is_multilingual, model.num_languages, language=language,
-                         task="transcribe" if model.is_multilingual else None)
-
-
-def suppress_tokens(tokenizer: Tokenizer) -> List[int]:
-    """OpenAI's default suppression ("-1"): non-speech symbols plus the task/prompt specials."""
-    specials = {tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
-                tokenizer.sot_lm, tokenizer.no_speech}
-    return sorted(set(tokenizer.non_speech_tokens) | specials)
 
 
 def hf_config(model: Whisper, tokenizer: Tokenizer) -> dict:
@@ -57,8 +46,8 @@ def hf_config(model: Whisper, tokenizer: Tokenizer) -> dict:
         "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
         "decoder_start_token_id": tokenizer.sot,
         # CTranslate2's converter reads the suppression lists from the model config.
-        "suppress_tokens": suppress_tokens(tokenizer), "begin_suppress_tokens": tokenizer.encode(" ") + [eot],
-        "torch_dtype": str(model.decoder.ln.weight.dtype).split(".")[-1],  # transformers < 4.56 reads this
+        "suppress_tokens": tokenizer.suppressed_tokens(), "begin_suppress_tokens": tokenizer.encode(" ") + [eot],
+        "torch_dtype": str(model.dtype).split(".")[-1],  # transformers < 4.56 reads this
     }
 
 
@@ -70,7 +59,7 @@ def generation_config(model: Whisper, tokenizer: Tokenizer, language: Optional[s
     eot = tokenizer.eot
     config = {
         "decoder_start_token_id": tokenizer.sot, "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
-        "max_length": model.dims.n_text_ctx, "suppress_tokens": suppress_tokens(tokenizer),
+        "max_length": model.dims.n_text_ctx, "suppress_tokens": tokenizer.suppressed_tokens(),
         "begin_suppress_tokens": tokenizer.encode(" ") + [eot],
         "no_timestamps_token_id": tokenizer.no_timestamps, "prev_sot_token_id": tokenizer.sot_prev,
         "max_initial_timestamp_index": 50, "return_timestamps": False,
@@ -98,7 +87,7 @@ def preprocessor_config(n_mels: int) -> dict:
 def hf_weights(model: Whisper) -> Dict[str, mx.array]:
     """Our parameters under transformers names, plus the encoder's fixed positions."""
     weights = mlx_to_hf_weights(dict(tree_flatten(model.parameters())))
-    dims, dtype = model.dims, model.decoder.ln.weight.dtype
+    dims, dtype = model.dims, model.dtype
     weights["model.encoder.embed_positions.weight"] = sinusoids(dims.n_audio_ctx, dims.n_audio_state).astype(dtype)
     return weights
 
@@ -166,7 +155,7 @@ def save_hf_folder(model: Whisper, folder: Path, card: str, language: Optional[s
     """Write the transformers layout of `model` to `folder` (atomically, as a whole)."""
     if any("scales" in key for key, _ in tree_flatten(model.parameters())):
         raise ValueError("the transformers layout needs float weights; dequantize the model first")
-    tokenizer = model_tokenizer(model, language)
+    tokenizer = tokenizer_for(model, language)
     with atomic_folder(Path(folder), force) as staging:
         write_json_atomic(staging / "config.json", hf_config(model, tokenizer))
         write_json_atomic(staging / "generation_config.json", generation_config(model, tokenizer, language))

@@ -11,11 +11,13 @@ the files the user keeps, atomically and always inside `output_dir`.
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+
 SUPPORTED_FORMATS = ("txt", "srt", "vtt", "tsv", "json")
+FORMAT_CHOICES = SUPPORTED_FORMATS + ("all",)  # what --output-format takes
 
 
 def format_timestamp(seconds: float, decimal_marker: str = ".") -> str:
@@ -89,8 +91,7 @@ def expand_formats(formats: Iterable[str]) -> list[str]:
         names = SUPPORTED_FORMATS if fmt == "all" else (fmt,)
         for name in names:
             if name not in FORMATTERS:
-                raise ValueError(f"unknown output format {fmt!r}; expected one of "
-                                 f"{', '.join(SUPPORTED_FORMATS)} or all")
+                raise ValueError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMAT_CHOICES)}")
             if name not in out:
                 out.append(name)
     return out
@@ -111,22 +112,6 @@ def output_stem(input_path: str | os.PathLike) -> str:
     return stem
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a temp file beside `path`, then rename over it: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_result(result: dict, output_dir: str | os.PathLike, input_path: str | os.PathLike,
                  formats: Iterable[str]) -> list[Path]:
     """Write `result` as `<output_dir>/<stem of input_path>.<fmt>` for each format.
@@ -140,6 +125,6 @@ def write_result(result: dict, output_dir: str | os.PathLike, input_path: str | 
     for fmt in expand_formats(formats):
         path = out_dir / f"{stem}.{fmt}"
         assert path.parent == out_dir and path.name == f"{stem}.{fmt}", path
-        _atomic_write_text(path, FORMATTERS[fmt](result))
+        write_text_atomic(path, FORMATTERS[fmt](result))
         written.append(path)
     return written

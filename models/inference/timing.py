@@ -12,10 +12,10 @@ from typing import List, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND
+from ..audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND
 from .decoding import _as_features
-from .tokenizer import Tokenizer
-from .whisper import Whisper
+from ..tokenizer import Tokenizer
+from ..whisper import Whisper
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"

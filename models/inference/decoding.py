@@ -1,16 +1,15 @@
 """Decoding one 30 s window: language detection, greedy/sampling and beam search, logit rules."""
 
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .audio import CHUNK_LENGTH
-from .tokenizer import Tokenizer, get_tokenizer
-from .whisper import Whisper
+from ..audio import TIME_PRECISION
+from ..tokenizer import Tokenizer, tokenizer_for
+from ..whisper import Whisper
 
 
 @dataclass(frozen=True)
@@ -63,38 +62,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def _as_features(model: Whisper, mel_or_features: mx.array) -> mx.array:
     x = mel_or_features if mel_or_features.ndim == 3 else mel_or_features[None]
     if x.shape[-1] == model.dims.n_audio_state and x.shape[1] == model.dims.n_audio_ctx:
-        return x  # already encoded
-    return model.embed_audio(x.astype(model.decoder.ln.weight.dtype))
-
-
-@contextmanager
-def cpu_buffer_cache(model: Whisper, batch_size: int = 1):
-    """Keep enough freed CPU buffers for reuse while `model` runs, inside the `with` block.
-
-    MLX keeps only 32 MB of freed CPU buffers by default, so every (heads, 1500, 1500)
-    attention score array of the encoder was page-faulted afresh (72 MB for base; the encoder
-    took 2.0 instead of 1.6 s per window). The limit is process-wide: it is raised to four
-    such arrays for the block and put back afterwards (which frees what was kept).
-    """
-    if mx.default_device() != mx.cpu:
-        yield
-        return
-    dims = model.dims
-    scores = batch_size * dims.n_audio_head * dims.n_audio_ctx**2 * model.decoder.ln.weight.itemsize
-    previous = mx.set_cache_limit(4 * scores)
-    if previous > 4 * scores:
-        mx.set_cache_limit(previous)
-    try:
-        yield
-    finally:
-        mx.set_cache_limit(previous)
+        return x.astype(model.dtype)  # already encoded
+    return model.embed_audio(x.astype(model.dtype))
 
 
 def detect_language(
     model: Whisper, mel_or_features: mx.array, tokenizer: Optional[Tokenizer] = None
 ) -> Tuple[List[str], List[dict]]:
     """Most likely language code and {code: probability} for each window of a batch."""
-    tokenizer = tokenizer or get_tokenizer(model.is_multilingual, model.num_languages)
+    tokenizer = tokenizer or tokenizer_for(model)
     if tokenizer.language is None or tokenizer.language_token not in tokenizer.sot_sequence:
         raise ValueError("this model is English-only; it cannot detect languages")
     features = _as_features(model, mel_or_features)
@@ -110,28 +86,15 @@ def detect_language(
 class LogitRules:
     """Suppression and timestamp rules applied to each step's float32 logits (numpy, in place)."""
 
-    def __init__(self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int, n_vocab: int):
+    def __init__(self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int):
         self.tokenizer = tokenizer
         self.sample_begin = sample_begin
         self.suppress_blank = options.suppress_blank
-        self.suppress = np.array(self._suppressed(tokenizer, options, n_vocab), dtype=np.int64)
+        self.suppress = np.array(tokenizer.suppressed_tokens(options.suppress_tokens), dtype=np.int64)
         self.timestamps = not options.without_timestamps
         self.max_initial = None
         if self.timestamps and options.max_initial_timestamp is not None:
-            precision = CHUNK_LENGTH / 1500  # seconds per timestamp token
-            self.max_initial = round(options.max_initial_timestamp / precision)
-
-    @staticmethod
-    def _suppressed(tokenizer: Tokenizer, options: DecodingOptions, n_vocab: int) -> List[int]:
-        spec = options.suppress_tokens
-        if isinstance(spec, str):
-            spec = [int(t) for t in spec.split(",") if t.strip()]
-        spec = list(spec or [])
-        if -1 in spec:
-            spec = [t for t in spec if t >= 0] + list(tokenizer.non_speech_tokens)
-        spec += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm]
-        spec += [tokenizer.no_speech]
-        return sorted({t for t in spec if 0 <= t < n_vocab})
+            self.max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
 
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
         """logits: (n, n_vocab) float32; tokens: (n, length) so far, prompt included."""
@@ -177,16 +140,14 @@ class DecodingTask:
         self.model = model
         self.options = self._checked(options)
         language = options.language or "en"
-        self.tokenizer = tokenizer or get_tokenizer(
-            model.is_multilingual, model.num_languages, language=language, task=options.task
-        )
+        self.tokenizer = tokenizer or tokenizer_for(model, language, options.task)
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = options.sample_len or self.n_ctx // 2
         self.n_group = options.beam_size or options.best_of or 1
         self.initial_tokens = self._initial_tokens()
         self.sample_begin = len(self.initial_tokens)
         self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
-        self.rules = LogitRules(self.tokenizer, self.options, self.sample_begin, model.dims.n_vocab)
+        self.rules = LogitRules(self.tokenizer, self.options, self.sample_begin)
 
     @staticmethod
     def _checked(options: DecodingOptions) -> DecodingOptions:
@@ -362,3 +323,14 @@ def decode(
     single = mel.ndim == 2
     results = DecodingTask(model, options).run(mel[None] if single else mel)
     return results[0] if single else results
+
+
+def decode_batches(model: Whisper, windows: Sequence[np.ndarray], options: DecodingOptions,
+                   batch_size: int) -> List[DecodingResult]:
+    """Decode many 30 s windows (mel or encoder output each), `batch_size` per forward pass."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    results = []
+    for first in range(0, len(windows), batch_size):
+        results += decode(model, mx.array(np.stack(windows[first : first + batch_size])), options)
+    return results

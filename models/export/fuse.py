@@ -2,7 +2,7 @@
 
 `fuse.py` is the command line; this module does the work so tests and scripts can call it:
 fuse (`fuse_adapters`), optionally quantize (`quantize_model`), write an MLX community
-folder that `utils.load_model` and `mlx_whisper` both read (`save_mlx_folder`), a
+folder that `models.loading.load_model` and `mlx_whisper` both read (`save_mlx_folder`), a
 transformers folder (`models.export_hf.save_hf_folder`), and upload to the Hub.
 """
 
@@ -15,21 +15,16 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from utils import (
-    ModelLoadError,
-    atomic_folder,
-    load_adapters,
-    load_model,
-    read_adapter_config,
-    write_model_files,
-)
+from ..atomic import atomic_folder
+from ..backend import DTYPE_NAMES
+from ..loading import ModelLoadError, load_model, write_model_files
+from ..tuner.adapters import load_adapters, read_adapter_config
 
-from .lora import dequantize_model, fuse_lora_layers
-from .whisper import Whisper
+from ..tuner.lora import dequantize_model, fuse_lora_layers
+from ..whisper import Whisper
 
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -49,8 +44,8 @@ class FuseConfig:
     force: bool = False
 
     def __post_init__(self):
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.q_bits not in Q_BITS:
             raise ValueError(f"q_bits must be one of {Q_BITS}, got {self.q_bits}")
         if self.q_group_size not in Q_GROUP_SIZES:
@@ -88,7 +83,7 @@ def fuse_adapters(model_path: str, adapter_path: str, dtype: Optional[mx.Dtype] 
                   dequantize: bool = False) -> Tuple[Whisper, dict]:
     """The base model with every LoRA layer of `adapter_path` merged in, and the adapter config.
 
-    The LoRA layers are rebuilt from adapter_config.json (`utils.load_adapters`), then fused.
+    The LoRA layers are rebuilt from adapter_config.json (`load_adapters`), then fused.
     Weights keep the base dtype unless `dtype` is given. A quantized base (QLoRA) stays
     quantized, fused layers re-quantized with its settings, unless `dequantize`.
     """
@@ -124,11 +119,6 @@ def quantize_model(model: Whisper, bits: int, group_size: int) -> dict:
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizable)
     mx.eval(model.parameters())
     return {"group_size": group_size, "bits": bits}
-
-
-def float_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype of the float weights (the scales' dtype for a quantized model)."""
-    return model.decoder.ln.weight.dtype
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -197,16 +187,16 @@ def upload_folder(folder: Path, repo_id: str, api=None) -> str:
 
 def run(config: FuseConfig, log=print) -> None:
     """Fuse, optionally export to transformers, quantize, save, and upload, as `config` says."""
-    from .export_hf import save_hf_folder
+    from .hf import save_hf_folder
 
     check_outputs(config)
     dtype = getattr(mx, config.dtype) if config.dtype is not None else None
     model, adapter_config = fuse_adapters(config.model, config.adapter_path, dtype,
                                           dequantize=config.dequantize or config.quantize)
-    log(f"Fused {config.adapter_path} into {config.model} ({dtype_name(float_dtype(model))})")
+    log(f"Fused {config.adapter_path} into {config.model} ({dtype_name(model.dtype)})")
 
     def card(library: str) -> str:
-        return model_card(adapter_config, config.model, config.adapter_path, float_dtype(model),
+        return model_card(adapter_config, config.model, config.adapter_path, model.dtype,
                           quantization_of(model), library)
 
     if config.export_hf is not None:  # before quantizing: transformers wants float weights

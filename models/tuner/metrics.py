@@ -49,24 +49,29 @@ def char_errors(ref: str, hyp: str) -> tuple[int, int]:
     return edit_distance(r, h), len(r)
 
 
-def _corpus_rate(refs: Sequence[str], hyps: Sequence[str], errors) -> float:
+def corpus_counts(refs: Sequence[str], hyps: Sequence[str]) -> list:
+    """[word edits, reference words, character edits, reference characters] summed over the corpus."""
     if len(refs) != len(hyps):
         raise ValueError(f"got {len(refs)} references but {len(hyps)} hypotheses")
-    edits = total = 0
+    counts = [0, 0, 0, 0]
     for ref, hyp in zip(refs, hyps):
-        e, n = errors(ref, hyp)
-        edits += e
-        total += n
-    if total == 0:
+        (we, wn), (ce, cn) = word_errors(ref, hyp), char_errors(ref, hyp)
+        counts = [counts[0] + we, counts[1] + wn, counts[2] + ce, counts[3] + cn]
+    return counts
+
+
+def rates_from_counts(counts: Sequence[int]) -> tuple:
+    """(WER, CER) of `corpus_counts`; an empty reference corpus is an error."""
+    if counts[1] == 0 or counts[3] == 0:
         raise ValueError("references are empty after normalisation: the error rate is undefined")
-    return edits / total
+    return counts[0] / counts[1], counts[2] / counts[3]
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Corpus word error rate: sum of word edits / sum of reference words (can exceed 1)."""
-    return _corpus_rate(refs, hyps, word_errors)
+    return rates_from_counts(corpus_counts(refs, hyps))[0]
 
 
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Corpus character error rate: sum of char edits / sum of reference chars (can exceed 1)."""
-    return _corpus_rate(refs, hyps, char_errors)
+    return rates_from_counts(corpus_counts(refs, hyps))[1]

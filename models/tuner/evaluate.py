@@ -6,10 +6,10 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .data import Features, collate
-from .decoding import DecodingOptions, DecodingTask
-from .metrics import char_errors, word_errors
-from .tokenizer import Tokenizer
+from .batches import Features, collate
+from ..inference.decoding import DecodingOptions, decode_batches
+from .metrics import corpus_counts, rates_from_counts
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -44,7 +44,7 @@ def validation_loss(model, features: Sequence[Features], batch_size: int, loss_f
     total, tokens = mx.array(0.0), mx.array(0.0)
     for start in range(0, len(features), batch_size):
         batch = collate(features[start : start + batch_size])
-        mel = batch.mel.astype(model.decoder.ln.weight.dtype)
+        mel = batch.mel.astype(model.dtype)
         loss, n = loss_fn(model, mel, batch.inputs, batch.targets, batch.mask)
         total, tokens = total + loss * n, tokens + n
         mx.eval(total, tokens)
@@ -60,15 +60,11 @@ def greedy_predictions(model, tokenizer: Tokenizer, features: Sequence[Features]
         by_language.setdefault(language_of(tokenizer, f.labels), []).append(f)
     predictions = []
     for language, group in by_language.items():
-        task = DecodingTask(model, DecodingOptions(language=language, without_timestamps=True))
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            mel = mx.array(np.stack([f.mel for f in chunk])).astype(model.decoder.ln.weight.dtype)
-            for f, result in zip(chunk, task.run(mel)):
-                predictions.append({
-                    "source": f.source, "language": language,
-                    "ref": reference_text(tokenizer, f.labels), "hyp": result.text,
-                })
+        options = DecodingOptions(language=language, without_timestamps=True)
+        windows = [f.mel.astype(np.float32) for f in group]
+        for f, result in zip(group, decode_batches(model, windows, options, batch_size)):
+            predictions.append({"source": f.source, "language": language,
+                                "ref": reference_text(tokenizer, f.labels), "hyp": result.text})
     return predictions
 
 
@@ -97,12 +93,7 @@ def evaluate(model, tokenizer: Tokenizer, features: Sequence[Features], batch_si
 
 def error_rates(predictions: List[dict], world=None) -> tuple:
     """Corpus (WER, CER) of {"ref", "hyp"} predictions, the edit counts summed over `world`'s ranks."""
-    counts = [0, 0, 0, 0]  # word edits, reference words, char edits, reference chars
-    for p in predictions:
-        (we, wn), (ce, cn) = word_errors(p["ref"], p["hyp"]), char_errors(p["ref"], p["hyp"])
-        counts = [counts[0] + we, counts[1] + wn, counts[2] + ce, counts[3] + cn]
+    counts = corpus_counts([p["ref"] for p in predictions], [p["hyp"] for p in predictions])
     if world is not None:
         counts = mx.distributed.all_sum(mx.array(counts, dtype=mx.int32), group=world).tolist()
-    if counts[1] == 0 or counts[3] == 0:
-        raise ValueError("references are empty after normalisation: the error rate is undefined")
-    return counts[0] / counts[1], counts[2] / counts[3]
+    return rates_from_counts(counts)
