@@ -163,7 +163,8 @@ def train(args, model, tokenizer, splits, world, log) -> int:
     from models.tuner.adapters import AdapterFolder
     from models.tuner.batches import encode_features
     from models.tuner.lora import linear_to_lora_layers, parameter_count, trainable_parameter_count
-    from models.tuner.trainer import Trainer, TrainingStopped, train as train_loop
+    from models.tuner.trainer import Trainer, TrainingStopped
+    from models.tuner.trainer import train as train_loop
 
     rank = 0 if world is None else world.rank()
     folder = AdapterFolder(args.adapter_path)
@@ -224,9 +225,14 @@ def run(args) -> int:
     return run_test(args, model, tokenizer, splits, log) if rank == 0 else 0
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the flags of a --config YAML file first (the command line wins)."""
+    return utils.parse_with_config(build_parser(), argv)
+
+
 def main(argv=None) -> int:
     utils.start_cli()
-    args = utils.parse_with_config(build_parser(), argv)
+    args = parse_args(argv)
     from models.backend import limit_cuda_queue_memory
     from models.tuner.datasets import DatasetLoadError
     from models.tuner.distributed import DistributedError

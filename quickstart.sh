@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone with ../shared beside it: install everything, then teach whisper-base some
-# Telugu with a small LoRA fine-tune (frozen encoder; 9 min 45 s on a 2-core CPU, installation
-# included), and transcribe a held-out clip with the result.
+# Telugu with a small LoRA fine-tune (frozen encoder), and transcribe a held-out clip with the
+# result. Writes only into git-ignored folders (.venv/, adapters/, outputs/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 if [ "$(uname)" = Linux ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -17,5 +17,6 @@ model=../shared/models/whisper-base-mlx
     --adapter-path adapters/te --overwrite
 clip=../shared/data/te/validation/$(sed -n 2p ../shared/data/te/validation/metadata.csv | cut -d, -f1)
 echo "Reference: $(sed -n 2p ../shared/data/te/validation/metadata.csv | tr -d '\r' | cut -d, -f2- | sed "s/,[a-z]*$//")"
-.venv/bin/python transcribe.py --model $model --language te --without-timestamps "$clip"
-.venv/bin/python transcribe.py --model $model --adapter-path adapters/te/best --language te --without-timestamps "$clip"
+.venv/bin/python transcribe.py --model $model --language te --without-timestamps --output-dir outputs/quickstart "$clip"
+.venv/bin/python transcribe.py --model $model --adapter-path adapters/te/best --language te --without-timestamps \
+    --output-dir outputs/quickstart-te "$clip"

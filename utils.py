@@ -2,6 +2,7 @@
 
 import argparse
 import glob
+import math
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -98,3 +99,36 @@ def report_errors(main: Callable[[], int], expected: Tuple[type, ...] = (ValueEr
     except expected as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def number(kind: type, low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
+           high_open: bool = False, none: bool = False, also: Tuple = ()) -> Callable[[str], object]:
+    """An argparse `type` that parses an int or float and checks its range where the flag enters.
+
+    `low_open`/`high_open` exclude the bound itself; `none` also accepts "none" (None); `also`
+    lists extra accepted values outside the range (e.g. -1 for "all").
+    """
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    wanted = ("an integer" if kind is int else "a number") + (" " + " and ".join(parts) if parts else "")
+    wanted += "".join(f" or {v}" for v in also) + (" or none" if none else "")
+
+    def parse(text: str):
+        if none and text.strip().lower() == "none":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value in also:
+            return value
+        if (kind is float and not math.isfinite(value)) or (low is not None and (value < low or (low_open and value == low))) or \
+                (high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

@@ -3,10 +3,10 @@
 MLX's CUDA backend differentiates `mx.fast.scaled_dot_product_attention` with cuDNN's fused
 backward only when the query length is a multiple of 128. Whisper's lengths (1500 audio
 frames, 64-token batches) are not, so training fell back to the unfused product, which keeps
-every (batch, heads, T_q, T_k) weight matrix. `MultiHeadAttention._cudnn_query_padding`
-appends zero queries in training. This script times value-and-gradient of
-`MultiHeadAttention._attend` both ways (eval mode = no padding, train mode = padding) for the
-three attentions of whisper-medium and checks that the gradients agree.
+every (batch, heads, T_q, T_k) weight matrix. `models.kernels.cudnn_query_padding` says how
+many zero queries `models.kernels.attention` appends in training. This script times
+value-and-gradient of `kernels.attention` both ways (training=False: no padding, training=True:
+padding) for the three attentions of whisper-medium and checks that the gradients agree.
 
     python benchmarks/attention_backward.py --batch 8
 
@@ -15,10 +15,9 @@ Writes attention_backward.json / .md under --out-dir or $OUT when set.
 
 import argparse
 import sys
-from pathlib import Path
+from functools import partial
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, markdown_table, out_dir, summary, time_calls, write_results  # noqa: E402
+from common import markdown_table, out_dir, summary, time_calls, write_results
 
 # (name, query length, key length, mask) for whisper-medium: 16 heads of 64.
 CASES = [("encoder self-attention", 1500, 1500, None),
@@ -41,32 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args, t_q: int, t_k: int, mask) -> dict:
     import mlx.core as mx
 
-    from models.whisper import MultiHeadAttention
+    from models import kernels
 
-    d = args.heads * args.head_dim
-    dtype = getattr(mx, args.dtype)
-    attention = MultiHeadAttention(d, args.heads)
+    dtype, scale = getattr(mx, args.dtype), args.head_dim ** -0.5
     mx.random.seed(0)
-    q = mx.random.normal((args.batch, t_q, d)).astype(dtype)
-    k = mx.random.normal((args.batch, t_k, d)).astype(dtype)
-    v = mx.random.normal((args.batch, t_k, d)).astype(dtype)
-    cotangent = mx.random.normal((args.batch, t_q, d)).astype(dtype)
+    # (batch, heads, T, head_dim), as MultiHeadAttention hands them to kernels.attention
+    q = mx.random.normal((args.batch, args.heads, t_q, args.head_dim)).astype(dtype)
+    k = mx.random.normal((args.batch, args.heads, t_k, args.head_dim)).astype(dtype)
+    v = mx.random.normal((args.batch, args.heads, t_k, args.head_dim)).astype(dtype)
+    cotangent = mx.random.normal(q.shape).astype(mx.float32)
 
-    def loss(q, k, v):
-        out, _ = attention._attend(q, k, v, mask, False)
-        return (out.astype(mx.float32) * cotangent.astype(mx.float32)).sum()
+    def loss(q, k, v, training: bool):
+        return (kernels.attention(q, k, v, scale, mask, training).astype(mx.float32) * cotangent).sum()
 
-    grad = mx.grad(loss, argnums=(0, 1, 2))
     result = {}
     for mode, train in (("unfused", False), ("fused", True)):
-        attention.train(train)
+        grad = mx.grad(partial(loss, training=train), argnums=(0, 1, 2))
         grads = grad(q, k, v)
         mx.eval(grads)
         mx.clear_cache()
         mx.reset_peak_memory()
-        times = time_calls(lambda: (mx.eval(grad(q, k, v)), mx.synchronize()), 2, args.steps)
-        result[mode] = dict(summary(times), peak_gb=mx.get_peak_memory() / 1e9, padded=train and bool(
-            attention._cudnn_query_padding(t_q, dtype, mask)))
+        times = time_calls(lambda grad=grad: (mx.eval(grad(q, k, v)), mx.synchronize()), 2, args.steps)
+        result[mode] = dict(summary(times), peak_gb=mx.get_peak_memory() / 1e9,
+                            padded=bool(kernels.cudnn_query_padding(t_q, dtype, mask, train)))
         result[mode]["grads"] = grads
     differences = []
     for a, b in zip(result["unfused"].pop("grads"), result["fused"].pop("grads")):
@@ -78,7 +74,6 @@ def measure(args, t_q: int, t_k: int, mask) -> dict:
 
 def main() -> int:
     args = build_parser().parse_args()
-    sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
     rows, payload = [], {"args": vars(args), "device": str(mx.default_device()), "mlx": mx.__version__}

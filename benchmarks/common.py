@@ -2,7 +2,7 @@
 
 Standard library only at import time (the PyTorch helpers import torch when called): the
 scripts import this before they know which framework a worker will load (MLX, PyTorch, or
-faster-whisper in its own virtual environment).
+faster-whisper in its own virtual environment). Importing it puts the repository on sys.path.
 """
 
 import json
@@ -15,7 +15,20 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"  # the real models and speech, beside the repository
 RESULT_PREFIX = "RESULT "
+
+
+def use_code_from(root: Path = ROOT) -> None:
+    """Import models/ and utils.py from `root` (first on sys.path): `python benchmarks/NAME.py` puts
+    only benchmarks/ there. Importing this module does it for the repository itself."""
+    root = str(Path(root).resolve())
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
+
+
+use_code_from(ROOT)
 
 
 def time_calls(fn: Callable[[], None], warmup: int, steps: int) -> List[float]:

@@ -1,7 +1,8 @@
 """A/B of CPU transcription: the working tree's models/ against a git revision's, speed and tokens.
 
 The revision's models/ (default HEAD) is extracted to a temporary folder; both trees are
-imported in one process under different package names and timed in alternation (base,
+imported in one process under different package names (either layout: models/inference/ since
+the package was split, flat models/ before) and timed in alternation (base,
 proposed, base, ...), so load from other processes on a shared machine hits both alike. Wall and
 process CPU times are kept. Equality: transcribe() (greedy, temperature 0, timestamps on,
 language en) of the 28 s clip and of en-read clips with both trees; every token must match.
@@ -21,10 +22,16 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, markdown_table, out_dir, write_results  # noqa: E402
-from transcribe_speed import SHARED, build_clip  # noqa: E402
+from transcribe_speed import SHARED, build_clip
+
+from common import ROOT, markdown_table, out_dir, write_results
+
+# Where each module a tree needs lives, by layout: "windows" holds MelWindows and ArraySource.
+SPLIT_LAYOUT = {"whisper": "whisper", "decoding": "inference.decoding", "transcribe": "inference.transcribe",
+                "windows": "audio", "backend": "backend"}
+FLAT_LAYOUT = {"whisper": "whisper", "decoding": "decoding", "transcribe": "transcribe", "windows": "transcribe"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,16 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_package(name: str, folder: Path):
-    """Import `folder` (a copy of models/) as package `name`; its relative imports stay inside it."""
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[name] = package
-    spec.loader.exec_module(package)
-    for sub in ("whisper", "decoding", "transcribe"):
-        importlib.import_module(f"{name}.{sub}")
-    return package
+def load_package(name: str, folder: Path) -> SimpleNamespace:
+    """Import `folder` (a copy of models/) as package `name`; its relative imports stay inside it.
+
+    Returns the modules the A/B uses (see SPLIT_LAYOUT), plus `buffer_cache(model)`: the CPU
+    buffer cache transcribe() runs under, where the tree has one.
+    """
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    layout = SPLIT_LAYOUT if (folder / "inference").is_dir() else FLAT_LAYOUT
+    tree = SimpleNamespace(**{key: importlib.import_module(f"{name}.{sub}") for key, sub in layout.items()})
+    if hasattr(tree, "backend"):
+        tree.buffer_cache = lambda model: tree.backend.cpu_buffer_cache(model.dims, model.dtype)
+    else:
+        tree.buffer_cache = getattr(tree.decoding, "cpu_buffer_cache", lambda model: nullcontext())
+    return tree
 
 
 def revision_copy(rev: str, tmp: Path) -> Path:
@@ -60,7 +76,7 @@ def revision_copy(rev: str, tmp: Path) -> Path:
 
 
 def twin_models(model_path: str, base_pkg):
-    """(base, proposed): the working tree's model as utils.load_model gives it, and the same weights
+    """(base, proposed): the working tree's model as models.loading.load_model gives it, and the same weights
     in the revision's Whisper class."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -82,32 +98,35 @@ def timed(fn) -> tuple:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_ab(models: dict, audio, rounds: int) -> dict:
-    """{variant: {measure: [(wall, cpu), ...]}} for encoder, one decode and transcribe()."""
+def timed_calls(model, pkg, audio) -> dict:
+    """{measure: call} of one tree: the encoder, one greedy decode of the first window, transcribe()."""
     import mlx.core as mx
 
-    results = {v: {"encoder": [], "decode (one window)": [], "transcribe()": []} for v in models}
+    window = pkg.windows.MelWindows(pkg.windows.ArraySource(audio), model.dims.n_mels).window(0)
+    mel = mx.array(window)[None]
+    features = model.embed_audio(mel)
+    mx.eval(features)
+    options = pkg.decoding.DecodingOptions(language="en")
+    return {
+        "encoder": lambda: mx.eval(model.embed_audio(mel)),
+        "decode (one window)": lambda: pkg.decoding.decode(model, features[0], options),
+        "transcribe()": lambda: pkg.transcribe.transcribe(model, audio, language="en", temperature=0.0),
+    }
+
+
+def time_ab(models: dict, audio, rounds: int) -> dict:
+    """{variant: {measure: [(wall, cpu), ...]}} for encoder, one decode and transcribe()."""
+    calls = {variant: timed_calls(model, pkg, audio) for variant, (model, pkg) in models.items()}
+    results = {variant: {name: [] for name in calls[variant]} for variant in models}
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for variant, (model, pkg) in models.items():
-            window = pkg.transcribe.MelWindows(pkg.transcribe.ArraySource(audio), model.dims.n_mels).window(0)
-            mel = mx.array(window)[None]
-            features = model.embed_audio(mel)
-            mx.eval(features)
-            options = pkg.decoding.DecodingOptions(language="en")
-            runs = {
-                "encoder": lambda: mx.eval(model.embed_audio(mel)),
-                "decode (one window)": lambda: pkg.decoding.decode(model, features[0], options),
-                "transcribe()": lambda: pkg.transcribe.transcribe(model, audio, language="en", temperature=0.0),
-            }
             # The encoder and decode alone run under the buffer cache that transcribe() sets, where a tree has it.
-            buffer_cache = getattr(pkg.decoding, "cpu_buffer_cache", None)
-            for name, fn in runs.items():
-                with buffer_cache(model) if buffer_cache is not None else nullcontext():
+            for name, fn in calls[variant].items():
+                with pkg.buffer_cache(model):
                     results[variant][name].append(timed(fn))
-    n_tokens = len(models["base"][1].decoding.decode(models["base"][0], features[0], options).tokens)
     for variant in results:
         results[variant] = {k: v[1:] for k, v in results[variant].items()}
-    results["decode_tokens"] = n_tokens
+    results["decode_tokens"] = len(calls["base"]["decode (one window)"]().tokens)
     return results
 
 
@@ -129,7 +148,7 @@ def encoder_difference(models: dict, audio) -> float:
 
     outs = []
     for model, pkg in models.values():
-        window = pkg.transcribe.MelWindows(pkg.transcribe.ArraySource(audio), model.dims.n_mels).window(0)
+        window = pkg.windows.MelWindows(pkg.windows.ArraySource(audio), model.dims.n_mels).window(0)
         outs.append(model.embed_audio(mx.array(window)[None]))
     return float(mx.abs(outs[0] - outs[1]).max()), float(mx.abs(outs[0]).max())
 
@@ -152,16 +171,13 @@ def report(timing: dict, equality: dict, enc_diff: tuple) -> str:
 
 def main() -> int:
     args = build_parser().parse_args()
-    sys.path.insert(0, str(ROOT))
     from models.backend import ensure_fast_blas
 
     ensure_fast_blas()
     import soundfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        prop_pkg = importlib.import_module("models")
-        for sub in ("whisper", "decoding", "transcribe"):
-            importlib.import_module(f"models.{sub}")
+        prop_pkg = load_package("models", ROOT / "models")
         base_pkg = load_package("base_models", revision_copy(args.base_rev, Path(tmp)))
         base, prop = twin_models(args.model, base_pkg)
         models = {"base": (base, base_pkg), "proposed": (prop, prop_pkg)}

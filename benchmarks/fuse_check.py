@@ -25,14 +25,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from models.audio import load_audio, log_mel_spectrogram, pad_or_trim  # noqa: E402
-from models.inference.decoding import DecodingOptions, DecodingTask  # noqa: E402
-from models.export.fuse import FuseConfig, run  # noqa: E402
+from common import ROOT
+from models.audio import clip_features, load_audio
+from models.export.fuse import FuseConfig, run
+from models.inference.decoding import DecodingOptions, DecodingTask
 from models.loading import load_model
-from models.tuner.adapters import load_adapters  # noqa: E402
+from models.tokenizer import tokenizer_for
+from models.tuner.adapters import load_adapters
 
 MLX_WHISPER_SCRIPT = """
 import json, sys, mlx_whisper
@@ -50,7 +49,7 @@ def clips_of(folder: Path, limit=None):
 
 
 def mels(clips):
-    return np.stack([pad_or_trim(log_mel_spectrogram(load_audio(c))) for c in clips])
+    return np.stack([clip_features(load_audio(c)) for c in clips])
 
 
 def greedy_and_features(model, mel: np.ndarray, language: str, batch: int = 4):
@@ -128,7 +127,7 @@ def check_transformers(args, work: Path) -> dict:
         with torch.no_grad():
             out = hf.generate(torch.tensor(mel.transpose(0, 2, 1)), language=language, task="transcribe",
                               do_sample=False, num_beams=1)
-        eot = DecodingTask(ours, DecodingOptions(language=language)).tokenizer.eot
+        eot = tokenizer_for(ours, language).eot
         theirs = [[t for t in row.tolist() if t < eot] for row in out]  # prompt and end of text dropped
         same = sum(a == b for a, b in zip(tokens, theirs))
         result[language] = {"clips": len(clips), "token_identical": same}

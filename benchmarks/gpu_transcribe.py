@@ -15,10 +15,20 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, markdown_table, out_dir, run_worker, seconds_left, summary, time_calls,  # noqa: E402
-                    torch_setup, transformers_whisper, worker_main, write_results)
-from flops import SHAPES, encoder_forward  # noqa: E402
+from flops import SHAPES, encoder_forward
+
+from common import (
+    markdown_table,
+    out_dir,
+    run_worker,
+    seconds_left,
+    summary,
+    time_calls,
+    torch_setup,
+    transformers_whisper,
+    worker_main,
+    write_results,
+)
 
 SOT_SEQUENCE = [50258, 50259, 50359, 50363]  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
 EOT = 50257
@@ -162,7 +172,6 @@ def table(rows: list) -> str:
 def main() -> int:
     args = build_parser().parse_args()
     if args.worker is not None:
-        sys.path.insert(0, str(ROOT))
         return worker_main(mlx_worker if args.worker == "mlx" else torch_worker, args)
     rows, folder = [], out_dir(args.out_dir)
     for size in [s for s in args.sizes.split(",") if s]:

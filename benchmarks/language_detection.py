@@ -11,13 +11,10 @@ import csv
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+from common import SHARED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +37,13 @@ def detect(model, paths, batch_size: int):
     """{code: probability} of each clip's first 30 s window."""
     import mlx.core as mx
 
-    from models.audio import load_audio
+    from models.audio import ArraySource, MelWindows, load_audio
     from models.inference.decoding import detect_language
-    from models.inference.transcribe import ArraySource, MelWindows
 
     probs = []
     for first in range(0, len(paths), batch_size):
-        mels = [MelWindows(ArraySource(load_audio(p)), model.dims.n_mels).window(0) for p in paths[first : first + batch_size]]
+        mels = [MelWindows(ArraySource(load_audio(p)), model.dims.n_mels).window(0)
+                for p in paths[first : first + batch_size]]
         probs += detect_language(model, mx.array(np.stack(mels)))[1]
     return probs
 

@@ -4,7 +4,7 @@
         --adapter-path runs/s5/best --data ../shared/data/en-read --language en --work /tmp/qwer
 
 Each variant is written by `models.export.fuse.run` (the code behind fuse.py), loaded back with
-utils.load_model and transcribed greedily without timestamps (transcribe_batch), as the
+models.loading.load_model and transcribed greedily without timestamps (transcribe_batch), as the
 real-model tests do. `base` is the base model without adapters, for reference.
 Quantized matmuls of mlx 0.32 on the CPU are 10-30x slower than float ones: run this on a
 GPU, or pass --dequantized on the CPU to compute with the quantized weights dequantized
@@ -20,15 +20,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from models.inference.decoding import DecodingOptions  # noqa: E402
-from models.export.fuse import FuseConfig, quantization_of, run  # noqa: E402
-from models.tuner.lora import dequantize_model  # noqa: E402
-from models.tuner.metrics import cer, wer  # noqa: E402
-from models.inference.transcribe import transcribe_batch  # noqa: E402
-from models.loading import load_model  # noqa: E402
+import common  # noqa: F401 (puts the repository on sys.path)
+from models.export.fuse import FuseConfig, quantization_of, run
+from models.inference.decoding import DecodingOptions
+from models.inference.transcribe import transcribe_batch
+from models.loading import load_model
+from models.tuner.lora import dequantize_model
+from models.tuner.metrics import cer, wer
 
 VARIANTS = {"float16": {}, "q8": {"quantize": True, "q_bits": 8}, "q4": {"quantize": True, "q_bits": 4}}
 

@@ -18,13 +18,24 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, fmt, markdown_table, out_dir, run_worker, seconds_left, summary,  # noqa: E402
-                    time_calls, torch_setup, transformers_whisper, worker_main, write_results)
-from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops  # noqa: E402
+from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops
+
+from common import (
+    fmt,
+    markdown_table,
+    out_dir,
+    run_worker,
+    seconds_left,
+    summary,
+    time_calls,
+    torch_setup,
+    transformers_whisper,
+    worker_main,
+    write_results,
+)
 
 # mlx-unfused: our step without the query padding that keeps attention's backward on cuDNN's fused
-# kernel (models/whisper.py, MultiHeadAttention._cudnn_query_padding): MLX's unfused backward, the A/B.
+# kernel (models/kernels.py, cudnn_query_padding): MLX's unfused backward, the A/B.
 FRAMEWORKS = ("mlx", "mlx-unfused", "torch-sdpa", "torch-eager")
 LORA_RANK, LORA_ALPHA, LEARNING_RATE = 8, 16.0, 1e-4
 
@@ -72,12 +83,12 @@ def mlx_worker(args) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
+    from models import kernels
+    from models.backend import limit_cuda_queue_memory
+    from models.tokenizer import get_tokenizer
     from models.tuner.batches import Batch
     from models.tuner.lora import LoRAConfig, linear_to_lora_layers
-    from models.tokenizer import get_tokenizer
     from models.tuner.trainer import Trainer, TrainingArgs, loss_fn
-    from models import kernels
-    from models.tuner.trainer import limit_cuda_queue_memory
     from models.whisper import ModelDimensions, Whisper
 
     limit_cuda_queue_memory()  # as lora.py does
@@ -173,7 +184,7 @@ def mlx_stages(args, model, trainer, batch, loss_fn, nn) -> dict:
         mx.clear_cache()
         mx.reset_peak_memory()
         try:
-            times = time_calls(lambda: (fn(), mx.synchronize()), 2, args.stage_steps)
+            times = time_calls(lambda fn=fn: (fn(), mx.synchronize()), 2, args.stage_steps)
         except Exception as error:  # out of memory in one stage keeps the others
             out[name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
             continue
@@ -236,7 +247,7 @@ def torch_worker(args) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 with torch.no_grad():
-                    times = time_calls(lambda: (fn(), sync()), 2, args.stage_steps)
+                    times = time_calls(lambda fn=fn: (fn(), sync()), 2, args.stage_steps)
             except Exception as error:  # out of memory in one stage keeps the others
                 result["stages"][name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                 continue
@@ -323,8 +334,9 @@ def tables(rows: list, peak_tflops: float) -> str:
             text += (f"\n\nGPU kernels, {r['framework']} {r['size']} batch {r['batch']}: busy "
                      f"{kernels['busy_ms_per_step']:.1f} ms of a {kernels['step_ms']:.1f} ms step (profiled)\n\n")
             text += markdown_table(["kernel", "ms per step", "share of busy", "calls per step"], [
-                [k["name"][:70], f"{k['ms_per_step']:.2f}", f"{100 * k['ms_per_step'] / kernels['busy_ms_per_step']:.1f}%",
-                 f"{k['calls_per_step']:.0f}"] for k in kernels["top"][:15]])
+                [k["name"][:70], f"{k['ms_per_step']:.2f}",
+                 f"{100 * k['ms_per_step'] / kernels['busy_ms_per_step']:.1f}%", f"{k['calls_per_step']:.0f}"]
+                for k in kernels["top"][:15]])
     staged = [r for r in rows if r.get("stages") and "step" in r]
     if not staged:
         return text
@@ -343,7 +355,6 @@ def tables(rows: list, peak_tflops: float) -> str:
 def main() -> int:
     args = build_parser().parse_args()
     if args.worker is not None:
-        sys.path.insert(0, str(ROOT))
         return worker_main(mlx_worker if args.worker.startswith("mlx") else torch_worker, args)
     folder = out_dir(args.out_dir)
 

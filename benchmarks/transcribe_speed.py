@@ -25,10 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, markdown_table, out_dir, run_worker, summary, worker_main, write_results  # noqa: E402
+from common import ROOT, SHARED, markdown_table, out_dir, run_worker, summary, use_code_from, worker_main, write_results
 
-SHARED = ROOT.parent / "shared"
 CLIP_SECONDS, GAP_SECONDS = 28.0, 0.3
 
 
@@ -109,7 +107,9 @@ def ours_runner(args, audio):
     """A zero-argument function that transcribes `audio` once, and the StageTimer it feeds."""
     import mlx.core as mx
 
+    from models import audio as audio_module
     from models.inference import decoding
+    from models.inference import transcribe as transcribe_module
     from models.loading import load_model
 
     model = load_model(args.model, dtype=mx.float32)
@@ -118,13 +118,9 @@ def ours_runner(args, audio):
     timer.wrap(decoding.DecodingTask, "_first_step", "decode: prompt step")
     timer.wrap(decoding.DecodingTask, "_next_logits", "decode: per-token model step")
     timer.wrap(decoding.DecodingTask, "_filtered_logprobs", "decode: logit filters + log_softmax (numpy)")
-    try:
-        from models.inference import transcribe as transcribe_module
-    except ImportError:
-        transcribe_module = None
-    if transcribe_module is not None and not args.decode_only:
-        timer.wrap(transcribe_module.MelWindows, "__init__", "mel")
-        timer.wrap(transcribe_module.MelWindows, "window", "mel")
+    if not args.decode_only:
+        timer.wrap(audio_module.MelWindows, "__init__", "mel")
+        timer.wrap(audio_module.MelWindows, "window", "mel")
         timer.wrap(transcribe_module.Transcriber, "encode", "encoder")
 
         def run():
@@ -133,11 +129,9 @@ def ours_runner(args, audio):
                 without_timestamps=args.without_timestamps)["text"]
 
         return run, timer, "models.inference.transcribe.transcribe"
-    from models.audio import N_SAMPLES, log_mel_spectrogram, pad_or_trim
-
     def run():
         tic = time.perf_counter()
-        mel = pad_or_trim(log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES))
+        mel = audio_module.clip_features(audio, model.dims.n_mels)  # the one 30 s window, as transcribe() makes it
         timer.seconds["mel"] += time.perf_counter() - tic
         tic = time.perf_counter()
         features = model.embed_audio(mx.array(mel)[None])
@@ -171,9 +165,9 @@ def ours_summary(path: str, text: str, runs: list) -> dict:
 
 # ----------------------------------------------------------------------------- faster-whisper
 def fw_worker(args) -> dict:
+    import faster_whisper
     import numpy as np
     from faster_whisper import WhisperModel
-    import faster_whisper
 
     audio = np.load(args.audio)
     model = WhisperModel(args.fw_model, device="cpu", compute_type="float32", cpu_threads=args.threads)
@@ -253,7 +247,7 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.worker == "faster-whisper":
         return worker_main(fw_worker, args)
-    sys.path.insert(0, str(Path(args.code_root).resolve()))
+    use_code_from(args.code_root)
     from models.backend import ensure_fast_blas
 
     ensure_fast_blas()  # re-exec with OpenBLAS preloaded, as transcribe.py does

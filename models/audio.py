@@ -36,10 +36,16 @@ def load_audio(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> np.ndarr
     name = "<bytes>" if isinstance(file, (bytes, bytearray)) else str(file)
     if not isinstance(file, (bytes, bytearray)):
         path = Path(file)
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise AudioError(f"{name}: a pipe or device, not an audio file; save the audio to a file first")
         if not path.is_file():
             raise AudioError(f"{name}: no such audio file")
         if path.stat().st_size == 0:
             raise AudioError(f"{name}: the file is empty")
+    missing = _wav_bytes_missing(file)
+    if missing:
+        raise AudioError(f"{name}: truncated WAV file: its header announces {missing} more bytes of audio than "
+                         f"the file holds; re-export it or leave it out")
     try:
         sound = _open_soundfile(file)
     except Exception as soundfile_error:  # a format soundfile does not know; ffmpeg may still cope
@@ -60,6 +66,31 @@ def load_audio(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> np.ndarr
     if not np.isfinite(audio).all():  # float files can hold NaN/inf, which would make the training loss NaN
         raise AudioError(f"{name}: the file holds NaN or infinite samples; re-export it or leave it out")
     return resample(audio, file_sr, sr)
+
+
+def _wav_bytes_missing(file) -> int:
+    """How many bytes of a RIFF/WAVE file's data chunk are missing from the file (0: complete, or not a WAV).
+
+    libsndfile quietly shortens a WAV whose data chunk ends early, so a cut-off file would be
+    read (and trained on) as if it were whole.
+    """
+    if isinstance(file, (bytes, bytearray)):
+        head, size = bytes(file[:65536]), len(file)
+    else:
+        with open(file, "rb") as f:
+            head = f.read(65536)
+        size = Path(file).stat().st_size
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return 0
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk, length = head[offset : offset + 4], int.from_bytes(head[offset + 4 : offset + 8], "little")
+        if chunk == b"data":
+            if length in (0, 0xFFFFFFFF):  # written by a stream that could not go back to fill it in
+                return 0
+            return max(offset + 8 + length - size, 0)
+        offset += 8 + length + (length & 1)
+    return 0
 
 
 def _open_soundfile(file):

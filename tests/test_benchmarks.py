@@ -1,18 +1,15 @@
 """Smoke tests of benchmarks/: the FLOP counter, and each MLX worker on a micro model (CPU, seconds)."""
 
-import sys
 from argparse import Namespace
-from pathlib import Path
 
+import cpu_speedups
+import flops
+import gpu_transcribe
 import pytest
+import train_step
+import transcribe_speed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import cpu_speedups  # noqa: E402
-import flops  # noqa: E402
-import gpu_transcribe  # noqa: E402
-import train_step  # noqa: E402
-import transcribe_speed  # noqa: E402
+from conftest import ROOT, tiny_whisper
 
 # 30 s of audio through a one-block model 64 wide: the real sequence lengths, tiny matrices.
 MICRO = flops.Shape(n_mels=80, n_state=64, n_head=2, n_layer=1, n_vocab=51865)
@@ -69,9 +66,15 @@ def test_benchmark_clip_is_28_seconds_of_en_read_speech():
 
 def test_cpu_speedups_imports_a_git_revision_beside_the_working_tree(tmp_path):
     import models.whisper
+    from models.inference import transcribe
 
     folder = cpu_speedups.revision_copy("HEAD", tmp_path)
-    assert (folder / "whisper.py").is_file() and (folder / "transcribe.py").is_file()
-    package = cpu_speedups.load_package("revision_models", folder)
-    assert package.whisper.__file__.startswith(str(tmp_path))
-    assert package.whisper.Whisper is not models.whisper.Whisper
+    assert (folder / "whisper.py").is_file() and (folder / "inference" / "transcribe.py").is_file()
+    revision = cpu_speedups.load_package("revision_models", folder)
+    assert revision.whisper.__file__.startswith(str(tmp_path))
+    assert revision.transcribe.__file__.startswith(str(tmp_path))
+    assert revision.whisper.Whisper is not models.whisper.Whisper
+    working_tree = cpu_speedups.load_package("models", ROOT / "models")
+    assert working_tree.whisper is models.whisper and working_tree.transcribe is transcribe
+    with revision.buffer_cache(tiny_whisper()):  # the CPU buffer cache transcribe() runs under
+        pass

@@ -4,20 +4,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from models.backend import NO_REEXEC_ENV, OPENBLAS, _has_gpu
+from conftest import ROOT
+from models.backend import NO_REEXEC_ENV, OPENBLAS, has_gpu
 
-ROOT = Path(__file__).resolve().parents[1]
 CHILD = ("import json, os, sys; from models.backend import ensure_fast_blas; ensure_fast_blas(); "
          "maps = open('/proc/self/maps').read(); "
          "print(json.dumps([os.environ.get('LD_PRELOAD'), sys.argv[1:], "
          "'openblas-pthread/libblas.so.3' in maps]))")
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.path.isfile(OPENBLAS) or _has_gpu(),
+    not sys.platform.startswith("linux") or not os.path.isfile(OPENBLAS) or has_gpu(),
     reason=f"re-exec only happens on Linux CPU with {OPENBLAS} installed")
 
 

@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import ROOT, write_model_folder
 from models.audio import SAMPLE_RATE
-from models.tuner.datasets import Example
-from models.tuner.batches import stream_batches
 from models.tokenizer import get_tokenizer
-from models.whisper import ModelDimensions, Whisper
-from models.loading import save_model
+from models.tuner.batches import stream_batches
+from models.tuner.datasets import Example
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 LOSS_RTOL = 1e-5
 ADAPTER_ATOL = 1e-5
@@ -53,7 +51,6 @@ AUDITED_LORA = textwrap.dedent("""
     atexit.register(dump)
     sys.addaudithook(hook)
     sys.argv = sys.argv[2:]
-    sys.path.insert(0, root)
     runpy.run_path(os.path.join(root, "lora.py"), run_name="__main__")
 """)
 
@@ -62,11 +59,8 @@ AUDITED_LORA = textwrap.dedent("""
 def work(tmp_path_factory) -> Path:
     """A tiny random model and an audiofolder of noise clips with short transcripts."""
     work = tmp_path_factory.mktemp("distributed")
-    mx.random.seed(0)
     # n_text_ctx=64 keeps greedy decoding (sample_len = n_text_ctx // 2) short in the evaluations.
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=1)
-    save_model(Whisper(dims), work / "model")
+    write_model_folder(work / "model", n_text_ctx=64)
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("validation", 3)):
         folder = work / "data" / split
@@ -108,8 +102,9 @@ def lora(work: Path, adapter_path: str, iters: int, ranks: int = 1, extra: tuple
     else:
         command = [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port_pair()),
                    "--", sys.executable, str(work / "audited_lora.py"), str(work), str(ROOT), *args]
-    # One BLAS thread per rank: two ranks share this machine's cores.
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1") if ranks > 1 else None
+    # One BLAS thread per rank: two ranks share this machine's cores. PYTHONPATH: the audited
+    # script runs lora.py from outside the repository.
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT)) if ranks > 1 else None
     tic = time.perf_counter()
     # stdin: a pipe never written to (mlx.launch forwards stdin; /dev/null would make it spin).
     done = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, capture_output=True, text=True,

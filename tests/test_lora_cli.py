@@ -15,16 +15,13 @@ import pytest
 import soundfile as sf
 
 import lora
+from conftest import ROOT, tiny_dims, write_model_folder
 from models.audio import SAMPLE_RATE
 from models.backend import NO_REEXEC_ENV
-from models.whisper import ModelDimensions, Whisper
-from models.loading import save_model
 
-ROOT = Path(__file__).resolve().parents[1]
 # Real audio is 30 s of mel frames, so the encoder keeps its 1500 positions; everything else is
 # tiny. A short text context keeps greedy decoding of the random model short (32 tokens at most).
-DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                       n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=1)
+TEXT_CTX = 64
 SPLITS = {"train": ["one", "two", "three", "four"], "validation": ["five", "six"], "test": ["five", "six"]}
 
 
@@ -45,12 +42,7 @@ def run_cli(*argv: str):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    mx.random.seed(0)
-    model = Whisper(DIMS)
-    mx.eval(model.parameters())
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(model, folder)
-    return folder
+    return write_model_folder(tmp_path_factory.mktemp("model") / "tiny", n_text_ctx=TEXT_CTX)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +135,7 @@ def test_training_run_writes_metrics_best_and_checkpoints(trained):
     assert (adapters / "checkpoints" / "0000002_adapters.safetensors").is_file()
     assert (adapters / "resume.safetensors").is_file()
     config = json.loads((adapters / "adapter_config.json").read_text())
-    assert config["lora"]["rank"] == 4 and config["model_dims"] == DIMS.to_dict()
+    assert config["lora"]["rank"] == 4 and config["model_dims"] == tiny_dims(n_text_ctx=TEXT_CTX).to_dict()
     assert config["training"]["iters"] == 4
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from conftest import tiny_dims
 from models.tuner.lora import (
     DEFAULT_TARGETS,
     VALID_TARGETS,
@@ -20,13 +21,10 @@ from models.tuner.lora import (
     parameter_count,
     trainable_parameter_count,
 )
-from models.whisper import ModelDimensions, Whisper
+from models.whisper import Whisper
 
 N_LAYERS = 3
-DIMS = ModelDimensions(
-    n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=N_LAYERS,
-    n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=4, n_text_layer=N_LAYERS,
-)
+DIMS = tiny_dims(n_audio_ctx=16, n_audio_head=4, n_audio_layer=N_LAYERS, n_text_head=4, n_text_layer=N_LAYERS)
 
 
 def tiny_model(seed: int = 0) -> Whisper:

@@ -7,32 +7,33 @@ faster-whisper, long-form transcription of them joined), beam search on a few of
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+import srt
+import webvtt
 
+import transcribe as cli
+from conftest import BASE_MODEL, SHARED
 from models.audio import SAMPLE_RATE, load_audio
+from models.backend import NO_REEXEC_ENV
 from models.inference.decoding import DecodingOptions
-from models.tuner.metrics import normalize_text, wer
 from models.inference.transcribe import transcribe, transcribe_batch
+from models.loading import load_model
+from models.tuner.metrics import normalize_text, wer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MODEL = SHARED / "models" / "whisper-base-mlx"
 EN_READ = SHARED / "data" / "en-read"
 REFERENCE = SHARED / "data" / "reference" / "en-read.jsonl"
 
-pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file() or not REFERENCE.is_file(),
+pytestmark = pytest.mark.skipif(not (BASE_MODEL / "config.json").is_file() or not REFERENCE.is_file(),
                                 reason="needs ../shared/models/whisper-base-mlx and ../shared/data")
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from models.loading import load_model
-
-    return load_model(str(MODEL))
+    return load_model(str(BASE_MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +144,9 @@ def test_long_form_transcription_of_the_whole_set(model, reference, all_greedy):
 
 
 def test_cli_writes_parseable_subtitles(tmp_path, monkeypatch, capsys):
-    import transcribe as cli
-
-    srt = pytest.importorskip("srt")
-    webvtt = pytest.importorskip("webvtt")
-    monkeypatch.setenv("WHISPER_MLX_NO_REEXEC", "1")
+    monkeypatch.setenv(NO_REEXEC_ENV, "1")
     jfk = SHARED / "data" / "famous-clips" / "jfk.flac"
-    code = cli.main([str(jfk), "--model", str(MODEL), "--language", "en", "--output-format", "srt,vtt,json",
+    code = cli.main([str(jfk), "--model", str(BASE_MODEL), "--language", "en", "--output-format", "srt,vtt,json",
                      "--output-dir", str(tmp_path), "--dtype", "float32"])
     assert code == 0
     text = capsys.readouterr().out.strip()

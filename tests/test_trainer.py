@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from conftest import tiny_dims
+from models.loading import ModelLoadError
+from models.tokenizer import get_tokenizer
+from models.tuner.adapters import AdapterFolder, load_adapters, save_adapters
 from models.tuner.batches import Features, collate, label_tokens
 from models.tuner.lora import VALID_TARGETS, LoRAConfig, LoRALinear, linear_to_lora_layers
-from models.tokenizer import get_tokenizer
 from models.tuner.trainer import Trainer, TrainingArgs, TrainingStopped, loss_fn, train
 from models.whisper import ModelDimensions, Whisper
-from models.loading import ModelLoadError
-from models.tuner.adapters import load_adapters, save_adapters
 
 # 16 audio positions (32 mel frames) keep the encoder cheap. The full vocabulary is needed
 # wherever the loop decodes (validation); elsewhere 1024 tokens make the logits 50x cheaper.
-DIMS = ModelDimensions(n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                       n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=1)
+DIMS = tiny_dims(n_audio_ctx=16, n_text_ctx=64)
 SMALL = replace(DIMS, n_vocab=1024)
 ALL_TARGETS = list(VALID_TARGETS)
 
@@ -83,24 +83,17 @@ def text_features(tokenizer, texts, seed: int = 0):
     return [Features(clip_mel(rng), label_tokens(tokenizer, text, "en"), f"clip{i}") for i, text in enumerate(texts)]
 
 
-def args_for(folder: Path, **overrides) -> TrainingArgs:
-    defaults = dict(adapter_path=str(folder), iters=6, batch_size=2, learning_rate=1e-3, steps_per_report=1,
-                    steps_per_eval=0, save_every=100, pad_to_multiple=8)
+def args_for(**overrides) -> TrainingArgs:
+    defaults = dict(iters=6, batch_size=2, learning_rate=1e-3, steps_per_report=1, steps_per_eval=0,
+                    save_every=100, pad_to_multiple=8)
     return TrainingArgs(**{**defaults, **overrides})
 
 
-def adapter_saver(model: nn.Module, config: dict):
-    def save(folder: Path, weights_name: str) -> None:
-        save_adapters(model, folder, config, weights_name)
-
-    return save
-
-
-def run_training(model, args: TrainingArgs, train_set, val_set=(), tokenizer=None, resume=False,
+def run_training(model, folder: Path, args: TrainingArgs, train_set, val_set=(), tokenizer=None, resume=False,
                  log=lambda line: None, **kwargs):
     trainer = Trainer(model, tokenizer, args, log=log)
     config = {"lora": {"rank": 8, "targets": ALL_TARGETS}, "model_dims": model.dims.to_dict()}
-    return train(trainer, train_set, list(val_set), adapter_saver(model, config), resume=resume, **kwargs)
+    return train(trainer, train_set, list(val_set), AdapterFolder(folder, config), resume=resume, **kwargs)
 
 
 def read_weights(path: Path) -> dict:
@@ -130,8 +123,8 @@ def test_training_overfits_one_batch(tmp_path):
     model = lora_model(rank=32)
     features = small_vocab_features([3, 5, 2])  # the first text token can only come from the audio
     before = batch_loss(model, features)
-    args = args_for(tmp_path, iters=60, batch_size=3, learning_rate=3e-3, steps_per_report=10)
-    run_training(model, args, features)
+    args = args_for(iters=60, batch_size=3, learning_rate=3e-3, steps_per_report=10)
+    run_training(model, tmp_path, args, features)
     after = batch_loss(model, features)
     assert before > 5 and after < 0.02, (before, after)
     losses = [r["train_loss"] for r in metrics(tmp_path)]
@@ -220,13 +213,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     args = dict(iters=6, warmup=2, learning_rate=1e-2, steps_per_eval=3, best_metric="loss")
     straight, parts = tmp_path / "straight", tmp_path / "parts"
 
-    run_training(lora_model(DIMS, dropout=0.2), args_for(straight, **args), train_set, val_set, tokenizer)
-    run_training(lora_model(DIMS, dropout=0.2), args_for(parts, stop_after=3, **args), train_set, val_set,
-                 tokenizer)
+    run_training(lora_model(DIMS, dropout=0.2), straight, args_for(**args), train_set, val_set, tokenizer)
+    run_training(lora_model(DIMS, dropout=0.2), parts, args_for(stop_after=3, **args), train_set, val_set, tokenizer)
     assert mx.load(str(parts / "resume.safetensors"), return_metadata=True)[1]["step"] == "3"
     assert max(r["step"] for r in metrics(parts)) == 3
     # Differently initialised adapters: everything must come from the resume file.
-    run_training(lora_model(DIMS, lora_seed=5, dropout=0.2), args_for(parts, **args), train_set, val_set, tokenizer,
+    run_training(lora_model(DIMS, lora_seed=5, dropout=0.2), parts, args_for(**args), train_set, val_set, tokenizer,
                  resume=True)
 
     assert_same_weights(read_weights(straight / "adapters.safetensors"), read_weights(parts / "adapters.safetensors"))
@@ -250,7 +242,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_returns(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-run
 
     before = signal.getsignal(signal.SIGINT)
-    run_training(lora_model(), args_for(tmp_path, iters=50), small_vocab_features([3, 4, 5]), log=log)
+    run_training(lora_model(), tmp_path, args_for(iters=50), small_vocab_features([3, 4, 5]), log=log)
     assert signal.getsignal(signal.SIGINT) is before
     # The signal came after step 2 had decided not to save: step 3 saves and stops.
     assert any(line.startswith("Interrupted at iter 3: saved") for line in lines)
@@ -268,7 +260,7 @@ def batches_with_nan_at(features, bad_step: int, batch_size: int = 2):
             batch = collate(features[:batch_size], pad_to_multiple=8)
             if step + 1 == bad_step:
                 batch.mel = mx.full(batch.mel.shape, float("nan"))
-            yield step, batch
+            yield batch
             step += 1
 
     return source
@@ -277,9 +269,9 @@ def batches_with_nan_at(features, bad_step: int, batch_size: int = 2):
 def test_nan_loss_stops_before_evaluating_or_saving(tmp_path, tokenizer):
     train_set = text_features(tokenizer, ["one", "two words"])
     val_set = text_features(tokenizer, ["hello there"], seed=9)
-    args = args_for(tmp_path, iters=10, save_every=2, steps_per_report=10, steps_per_eval=3, best_metric="loss")
+    args = args_for(iters=10, save_every=2, steps_per_report=10, steps_per_eval=3, best_metric="loss")
     with pytest.raises(TrainingStopped, match=r"^Iter 3: training loss is nan\b.*; stopped without saving"):
-        run_training(lora_model(DIMS), args, train_set, val_set, tokenizer,
+        run_training(lora_model(DIMS), tmp_path, args, train_set, val_set, tokenizer,
                      batch_source=batches_with_nan_at(train_set, bad_step=3))
     saved = read_weights(tmp_path / "adapters.safetensors")
     assert_same_weights(saved, read_weights(tmp_path / "checkpoints" / "0000002_adapters.safetensors"))
@@ -291,7 +283,7 @@ def test_nan_loss_stops_before_evaluating_or_saving(tmp_path, tokenizer):
 
 def test_overflowing_weights_are_never_saved(tmp_path):
     model = lora_model()
-    trainer = Trainer(model, None, args_for(tmp_path, iters=10, save_every=2, steps_per_report=10))
+    trainer = Trainer(model, None, args_for(iters=10, save_every=2, steps_per_report=10))
     real_step, calls = trainer.train_step, []
 
     def step_that_overflows_at_4(batches):
@@ -302,9 +294,8 @@ def test_overflowing_weights_are_never_saved(tmp_path):
         return result
 
     trainer.train_step = step_that_overflows_at_4
-    save = adapter_saver(model, {"lora": {}})
     with pytest.raises(TrainingStopped, match=r"^Iter 4: training loss is [0-9.]+, adapter weights not finite"):
-        train(trainer, small_vocab_features([3, 4]), [], save)
+        train(trainer, small_vocab_features([3, 4]), [], AdapterFolder(tmp_path, {"lora": {}}))
     assert_same_weights(read_weights(tmp_path / "adapters.safetensors"),
                         read_weights(tmp_path / "checkpoints" / "0000002_adapters.safetensors"))
 

@@ -6,46 +6,59 @@ runs through MLX's CPU kernels, whose results must equal the unpadded ones.
 """
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models.tuner import trainer as trainer_module
-from models import kernels
+from models import backend, kernels
+from models.kernels import LayerNorm, gelu, gelu_cpu
 from models.tuner.lora import LoRALinear
-from models.kernels import LayerNorm, gelu_cpu
-from models.kernels import gelu
 from models.whisper import MultiHeadAttention
 
+N_HEAD, D_HEAD = 4, 16
 
-def _attention_and_grads(attention, q, k, v, mask):
+
+def spy_on_padding(monkeypatch) -> list:
+    """Record the row count of every `kernels.append_zero_rows` call (the padded path)."""
+    calls, append_zero_rows = [], kernels.append_zero_rows
+
+    def spy(x, n):
+        calls.append(n)
+        return append_zero_rows(x, n)
+
+    monkeypatch.setattr(kernels, "append_zero_rows", spy)
+    return calls
+
+
+def _attention_and_grads(q, k, v, mask, training):
     cotangent = mx.random.normal(q.shape, key=mx.random.key(3)).astype(q.dtype)
+    scale = D_HEAD**-0.5
 
     def loss(q, k, v):
-        out, _ = attention._attend(q, k, v, mask, False)
+        out = kernels.attention(q, k, v, scale, mask, training)
         return (out.astype(mx.float32) * cotangent.astype(mx.float32)).sum()
 
-    value, grads = mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
-    out, _ = attention._attend(q, k, v, mask, False)
-    return out, grads
+    grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    return kernels.attention(q, k, v, scale, mask, training), grads
 
 
 @pytest.mark.parametrize("t_q,t_k,mask", [(50, 50, None), (37, 37, "causal"), (20, 70, None)])
 def test_query_padding_changes_nothing(monkeypatch, t_q, t_k, mask):
     monkeypatch.setattr(kernels, "on_cuda", lambda: True)
-    attention = MultiHeadAttention(64, 4)
+    padded_rows = spy_on_padding(monkeypatch)
     keys = mx.random.split(mx.random.key(0), 3)
-    q, k, v = (mx.random.normal((2, t, 64), key=key).astype(mx.bfloat16)
+    q, k, v = (mx.random.normal((2, N_HEAD, t, D_HEAD), key=key).astype(mx.bfloat16)
                for t, key in zip((t_q, t_k, t_k), keys))
 
-    attention.eval()
-    assert attention._cudnn_query_padding(t_q, mx.bfloat16, mask) == 0
-    out_plain, grads_plain = _attention_and_grads(attention, q, k, v, mask)
-    attention.train()
-    assert attention._cudnn_query_padding(t_q, mx.bfloat16, mask) == 128 - t_q
-    out_padded, grads_padded = _attention_and_grads(attention, q, k, v, mask)
+    assert kernels.cudnn_query_padding(t_q, mx.bfloat16, mask, training=False) == 0
+    out_plain, grads_plain = _attention_and_grads(q, k, v, mask, training=False)
+    assert padded_rows == []
+    assert kernels.cudnn_query_padding(t_q, mx.bfloat16, mask, training=True) == 128 - t_q
+    out_padded, grads_padded = _attention_and_grads(q, k, v, mask, training=True)
+    assert set(padded_rows) == {128 - t_q}  # the padded path did run (keys too when causal)
 
     assert out_padded.shape == out_plain.shape
     np.testing.assert_allclose(np.array(out_padded.astype(mx.float32)), np.array(out_plain.astype(mx.float32)),
@@ -58,16 +71,27 @@ def test_query_padding_changes_nothing(monkeypatch, t_q, t_k, mask):
 
 
 def test_query_padding_only_where_cudnn_needs_it(monkeypatch):
-    attention = MultiHeadAttention(64, 4)
-    attention.train()
-    assert attention._cudnn_query_padding(50, mx.bfloat16, None) == 0  # CPU: never
+    assert kernels.cudnn_query_padding(50, mx.bfloat16, None, training=True) == 0  # CPU: never
     monkeypatch.setattr(kernels, "on_cuda", lambda: True)
-    assert attention._cudnn_query_padding(1500, mx.bfloat16, None) == 36
-    assert attention._cudnn_query_padding(256, mx.bfloat16, None) == 0  # already a multiple of 128
-    assert attention._cudnn_query_padding(50, mx.float32, None) == 0  # cuDNN: half precision only
-    assert attention._cudnn_query_padding(50, mx.bfloat16, mx.zeros((50, 50))) == 0  # array masks: no
+    assert kernels.cudnn_query_padding(1500, mx.bfloat16, None, training=True) == 36
+    assert kernels.cudnn_query_padding(256, mx.bfloat16, None, training=True) == 0  # already a multiple of 128
+    assert kernels.cudnn_query_padding(50, mx.float32, None, training=True) == 0  # cuDNN: half precision only
+    assert kernels.cudnn_query_padding(50, mx.bfloat16, mx.zeros((50, 50)), training=True) == 0  # array masks: no
+    assert kernels.cudnn_query_padding(50, mx.bfloat16, None, training=False) == 0
+
+
+def test_attention_layers_pad_in_training_only(monkeypatch):
+    monkeypatch.setattr(kernels, "on_cuda", lambda: True)
+    padded_rows = spy_on_padding(monkeypatch)
+    attention = MultiHeadAttention(64, N_HEAD)
+    attention.set_dtype(mx.bfloat16)
+    x = mx.random.normal((2, 50, 64), key=mx.random.key(12)).astype(mx.bfloat16)
     attention.eval()
-    assert attention._cudnn_query_padding(50, mx.bfloat16, None) == 0
+    mx.eval(attention(x)[0])
+    assert padded_rows == []
+    attention.train()
+    mx.eval(attention(x)[0])
+    assert padded_rows == [78]
 
 
 @pytest.mark.parametrize("cpu_path", [True, False])
@@ -143,17 +167,15 @@ def test_lora_forward_and_gradients_follow_the_formula():
 
 
 def test_cuda_queue_limit_respects_the_user(monkeypatch):
-    monkeypatch.setattr(trainer_module.sys, "platform", "linux")
+    monkeypatch.setattr(backend.sys, "platform", "linux")
     monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
-    trainer_module.limit_cuda_queue_memory()
-    import os
-
-    assert os.environ["MLX_MAX_MB_PER_BUFFER"] == trainer_module.CUDA_MAX_MB_PER_BUFFER
+    backend.limit_cuda_queue_memory()
+    assert os.environ["MLX_MAX_MB_PER_BUFFER"] == backend.CUDA_MAX_MB_PER_BUFFER
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "123")
-    trainer_module.limit_cuda_queue_memory()
+    backend.limit_cuda_queue_memory()
     assert os.environ["MLX_MAX_MB_PER_BUFFER"] == "123"
-    monkeypatch.setattr(trainer_module.sys, "platform", "darwin")  # Metal has its own defaults
+    monkeypatch.setattr(backend.sys, "platform", "darwin")  # Metal has its own defaults
     monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
-    trainer_module.limit_cuda_queue_memory()
+    backend.limit_cuda_queue_memory()
     assert "MLX_MAX_MB_PER_BUFFER" not in os.environ
-    assert math.isfinite(float(trainer_module.CUDA_MAX_MB_PER_BUFFER))
+    assert math.isfinite(float(backend.CUDA_MAX_MB_PER_BUFFER))

@@ -8,10 +8,25 @@ import pytest
 import soundfile
 
 import transcribe as cli
+from models.audio import (
+    HOP_LENGTH,
+    N_FFT,
+    N_FRAMES,
+    SAMPLE_RATE,
+    ArraySource,
+    MelWindows,
+    SoundFileSource,
+    log_mel_spectrogram,
+    mel_filters,
+    open_audio,
+    pad_or_trim,
+)
+from models.backend import NO_REEXEC_ENV
 from models.inference import transcribe as tr
-from models.audio import N_FRAMES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from models.inference.decoding import DecodingOptions, DecodingResult
+from models.inference.options import TranscribeOptions, temperature_schedule
 from models.tokenizer import get_tokenizer
+from utils import find_inputs
 
 TOKENIZER = get_tokenizer(True, language="en", task="transcribe")
 BEGIN = TOKENIZER.timestamp_begin
@@ -62,26 +77,43 @@ def test_split_segments_without_pairs_gives_one_segment():
 
 # --- features window by window -------------------------------------------------------------------
 
+def reference_log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
+    """faster-whisper's whole-file features, written out plainly in float64: (len(audio) // HOP_LENGTH, n_mels).
+
+    One hop of zeros is appended, the STFT is centred (reflect padding) with a periodic Hann window
+    and loses its last frame, and the log10 is floored 8 below the loudest frame of the whole file.
+    """
+    n_frames = len(audio) // HOP_LENGTH
+    padded = np.pad(np.pad(audio.astype(np.float64), (0, HOP_LENGTH)), N_FFT // 2, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
+    starts = range(0, len(padded) - N_FFT + 1, HOP_LENGTH)
+    spectrum = np.fft.rfft(np.stack([padded[i : i + N_FFT] * window for i in starts]), axis=-1)[:-1]
+    log_spec = np.log10(np.maximum(np.abs(spectrum) ** 2 @ mel_filters(n_mels).T, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)  # the zero hop's frame counts for the peak
+    return ((log_spec + 4.0) / 4.0)[:n_frames]
+
+
 def test_mel_windows_equal_the_whole_file_features(tmp_path):
     audio = noise(65.3)
     audio[: SAMPLE_RATE * 5] *= 4  # the loudest part sits in the first window only ...
     audio[SAMPLE_RATE * 40 : SAMPLE_RATE * 44] = 0  # ... and digital silence is floored 8 below it
-    whole = log_mel_spectrogram(audio, padding=160)[: len(audio) // 160]  # faster-whisper's features
-    windows = tr.MelWindows(tr.ArraySource(audio))
-    assert windows.content_frames == len(whole)
+    whole = reference_log_mel(audio)
+    windows = MelWindows(ArraySource(audio))
+    assert windows.content_frames == len(whole) == len(audio) // HOP_LENGTH
     for seek in (0, 1234, 3000, len(whole) - 500):
         np.testing.assert_allclose(windows.window(seek), pad_or_trim(whole[seek : seek + N_FRAMES]), atol=1e-5)
+    np.testing.assert_allclose(log_mel_spectrogram(audio), whole, atol=1e-5)
     path = tmp_path / "long.wav"
     soundfile.write(path, audio, SAMPLE_RATE, subtype="FLOAT")
-    lazy = tr.open_audio(path, lazy_after_s=10)
-    assert isinstance(lazy, tr.SoundFileSource)
-    np.testing.assert_array_equal(tr.MelWindows(lazy).window(4321), windows.window(4321))
+    lazy = open_audio(path, lazy_after_s=10)
+    assert isinstance(lazy, SoundFileSource)
+    np.testing.assert_array_equal(MelWindows(lazy).window(4321), windows.window(4321))
 
 
 def test_open_audio_loads_short_files_and_reports_missing_ones(tmp_path):
-    assert isinstance(tr.open_audio(np.zeros(100, np.float32)), tr.ArraySource)
+    assert isinstance(open_audio(np.zeros(100, np.float32)), ArraySource)
     with pytest.raises(ValueError, match="nope.wav"):
-        tr.open_audio(tmp_path / "nope.wav")
+        open_audio(tmp_path / "nope.wav")
 
 
 # --- the seek loop with a scripted decoder ----------------------------------------------------------
@@ -93,24 +125,20 @@ class ScriptedTranscriber(tr.Transcriber):
         super().__init__(model, options)
         self.script, self.calls = script, []
 
-    def encode(self, mel_window):
+    def features_at(self, windows, seek):
+        self.seek = seek  # the window decode_window is asked about next
         return mx.zeros((1500, 64))
 
     def decode_window(self, features, prompt):
-        seek = self.state_seek
-        tokens, temperature, no_speech, *logprob = self.script(seek)
-        self.calls.append((seek, prompt))
+        tokens, temperature, no_speech, *logprob = self.script(self.seek)
+        self.calls.append((self.seek, prompt))
         return DecodingResult(language="en", tokens=tokens, text=TOKENIZER.decode(tokens),
                               avg_logprob=logprob[0] if logprob else -0.2, no_speech_prob=no_speech,
                               temperature=temperature, compression_ratio=1.0)
 
-    def _step(self, windows, tokenizer, state):
-        self.state_seek = state.seek
-        super()._step(windows, tokenizer, state)
-
 
 def run_script(tiny_model, seconds, script, **options):
-    transcriber = ScriptedTranscriber(tiny_model, tr.TranscribeOptions(language="en", **options), script)
+    transcriber = ScriptedTranscriber(tiny_model, TranscribeOptions(language="en", **options), script)
     return transcriber.run(np.zeros(int(seconds * SAMPLE_RATE), np.float32)), transcriber.calls
 
 
@@ -165,7 +193,7 @@ def test_fallback_raises_the_temperature_until_the_thresholds_pass(monkeypatch):
                               no_speech_prob=0.0, temperature=options.temperature, compression_ratio=1.0)
 
     monkeypatch.setattr(tr, "decode", fake_decode)
-    options = tr.TranscribeOptions(language="en", beam_size=5, best_of=3)
+    options = TranscribeOptions(language="en", beam_size=5, best_of=3)
     result = tr.decode_with_fallback(None, None, options, prompt=[])
     assert [o.temperature for o in seen] == [0.0, 0.2, 0.4] and result.temperature == 0.4
     assert seen[0].beam_size == 5 and seen[0].best_of is None and seen[0].prompt is None
@@ -195,22 +223,22 @@ def test_transcribe_batch_matches_one_window_decoding_and_rejects_long_clips(tin
         tr.transcribe_batch(tiny_model, [noise(31)], options)
 
 
-# --- CLI ------------------------------------------------------------------------------------------------
+# --- the CLI and its input expansion --------------------------------------------------------------
 
-def test_cli_finds_files_folders_and_globs(tmp_path):
+def test_find_inputs_expands_files_folders_and_globs(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.wav", "sub/b.flac", "sub/notes.txt", "c.mp3"):
         (tmp_path / name).write_bytes(b"x")
-    files, errors = cli.find_inputs([str(tmp_path / "sub"), str(tmp_path / "*.wav"), str(tmp_path / "missing.wav"),
-                                     str(tmp_path / "*.ogg"), str(tmp_path / "c.mp3")])
+    files, errors = find_inputs([str(tmp_path / "sub"), str(tmp_path / "*.wav"), str(tmp_path / "missing.wav"),
+                                 str(tmp_path / "*.ogg"), str(tmp_path / "c.mp3")])
     assert [f.name for f in files] == ["b.flac", "a.wav", "c.mp3"]
     assert [(e[0].split("/")[-1], e[1]) for e in errors] == [
         ("missing.wav", "no such file or folder"), ("*.ogg", "no files match this pattern")]
 
 
-def test_cli_temperature_schedule_and_options():
-    assert cli.temperature_schedule(0.0, 0.2) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    assert cli.temperature_schedule(0.5, None) == (0.5,)
+def test_temperature_schedule_and_cli_options():
+    assert temperature_schedule(0.0, 0.2) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert temperature_schedule(0.5, None) == (0.5,)
     args = cli.build_parser().parse_args(["x.wav", "--condition-on-previous-text", "False", "--logprob-threshold",
                                           "none", "--output-format", "srt,vtt", "--language", "English"])
     options = cli.options_from_args(args)
@@ -237,7 +265,7 @@ def canned(monkeypatch):
                 raise ValueError(f"{path}: could not decode audio")
             return result
 
-    monkeypatch.setenv("WHISPER_MLX_NO_REEXEC", "1")
+    monkeypatch.setenv(NO_REEXEC_ENV, "1")
     monkeypatch.setattr(cli, "load", lambda *args: object())
     monkeypatch.setattr(tr, "Transcriber", FakeTranscriber)
     return result
@@ -258,18 +286,11 @@ def test_cli_reports_bad_files_carries_on_and_exits_non_zero(tmp_path, canned, c
     assert not list(out.glob("bad.*"))
 
 
-def test_cli_outputs_parse(tmp_path, canned, capsys):
-    srt = pytest.importorskip("srt")
-    webvtt = pytest.importorskip("webvtt")
+def test_cli_prints_the_text_and_writes_the_result(tmp_path, canned, capsys):
+    # What each format looks like (and that srt/vtt parse) is test_writers.py's business.
     (tmp_path / "talk.wav").write_bytes(b"x")
-    assert cli.main([str(tmp_path / "talk.wav"), "--output-dir", str(tmp_path), "--output-format", "all"]) == 0
+    assert cli.main([str(tmp_path / "talk.wav"), "--output-dir", str(tmp_path), "--output-format", "json,txt"]) == 0
     assert capsys.readouterr().out.strip() == canned["text"]
-    cues = list(srt.parse((tmp_path / "talk.srt").read_text(encoding="utf-8")))
-    assert [(c.start.total_seconds(), c.end.total_seconds(), c.content) for c in cues] == [
-        (0.0, 1.5, "Hello there."), (1.5, 3.25, "General Kenobi!")]
-    vtt = webvtt.read(str(tmp_path / "talk.vtt"))
-    assert [(c.start, c.end, c.text) for c in vtt] == [
-        ("00:00:00.000", "00:00:01.500", "Hello there."), ("00:00:01.500", "00:00:03.250", "General Kenobi!")]
     assert json.loads((tmp_path / "talk.json").read_text(encoding="utf-8")) == canned
     assert (tmp_path / "talk.txt").read_text(encoding="utf-8") == "Hello there.\nGeneral Kenobi!\n"
 
@@ -282,13 +303,10 @@ def test_cli_names_outputs_of_same_named_inputs_apart(tmp_path, canned):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x-2.txt", "x.txt"]
 
 
-def test_cli_transcribes_with_a_real_model_folder(tmp_path, tiny_model, monkeypatch, capsys):
-    from models.loading import save_model
-
-    monkeypatch.setenv("WHISPER_MLX_NO_REEXEC", "1")
-    save_model(tiny_model, tmp_path / "model")
+def test_cli_transcribes_with_a_real_model_folder(tmp_path, model_folder, monkeypatch):
+    monkeypatch.setenv(NO_REEXEC_ENV, "1")
     soundfile.write(tmp_path / "tone.wav", noise(2), SAMPLE_RATE)
-    code = cli.main([str(tmp_path / "tone.wav"), "--model", str(tmp_path / "model"), "--language", "en",
+    code = cli.main([str(tmp_path / "tone.wav"), "--model", str(model_folder), "--language", "en",
                      "--temperature-increment-on-fallback", "none", "--output-format", "json",
                      "--output-dir", str(tmp_path)])
     assert code == 0

@@ -4,21 +4,26 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+from conftest import tiny_dims, tiny_whisper
 from models import kernels
-from models.inference.decoding import _rearrange_cache, cpu_buffer_cache
-from models.whisper import ModelDimensions, Whisper
+from models.backend import cpu_buffer_cache
+from models.inference.decoding import _rearrange_cache
 
-DIMS = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=1,
-                       n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=4, n_text_layer=2)
+SHAPE = dict(n_audio_head=4, n_text_head=4, n_text_layer=2)
+DIMS = tiny_dims(**SHAPE)
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU paths need CPU as default device")
 
 
+def heads(x: mx.array, n_head: int) -> mx.array:
+    """(batch, T, n_state) -> (batch, heads, T, d_head)."""
+    b, t, d = x.shape
+    return x.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
 @pytest.fixture(scope="module")
-def model() -> Whisper:
-    mx.random.seed(1)
-    model = Whisper(DIMS)
-    mx.eval(model.parameters())
+def model():
+    model = tiny_whisper(seed=1, **SHAPE)
     model.eval()
     return model
 
@@ -44,8 +49,10 @@ def test_exp2_attention_matches_scaled_dot_product_attention(t_q):
 
 def test_splitting_over_cpu_streams_changes_nothing():
     q, k, v = (mx.random.normal((1, 3, 100, 16), key=mx.random.key(i)) for i in range(3))  # an odd head count
+
     def attend(q, k, v):
         return kernels.attend_exp2(q, k, v, 0.25)
+
     split = kernels.split_over_cpu_streams(attend, (q, k, v), axis=1)
     assert split.shape == (1, 3, 100, 16)
     assert mx.array_equal(split, attend(q, k, v)).item()
@@ -54,10 +61,11 @@ def test_splitting_over_cpu_streams_changes_nothing():
 def test_encoder_attention_equals_the_fused_kernel(model):
     x = mx.random.normal((1, 1500, DIMS.n_audio_state), key=mx.random.key(3))
     attn = model.encoder.blocks[0].attn
-    q, k, v = (attn._split_heads(layer(x)) for layer in (attn.query, attn.key, attn.value))
+    q, k, v = (heads(layer(x), DIMS.n_audio_head) for layer in (attn.query, attn.key, attn.value))
     scale = (DIMS.n_audio_state // DIMS.n_audio_head) ** -0.5
-    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 2, 1, 3).reshape(x.shape)
-    out, _ = attn._attend(attn.query(x), attn.key(x), attn.value(x), None, False)  # the exp2 path on CPU
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    expected = attn.out(fused.transpose(0, 2, 1, 3).reshape(x.shape))
+    out, _, _ = attn(x)  # 1500 unmasked queries on CPU: the exp2 path over two streams
     assert mx.allclose(out, expected, atol=1e-5).item()
 
 
@@ -92,14 +100,14 @@ def test_cross_attention_weights_come_back_with_the_cache_layout(model, features
     x = model.decoder.token_embedding(tokens) + model.decoder.positional_embedding[:4]
     x = x + block.attn(block.attn_ln(x), mask="causal")[0]
     attn = block.cross_attn
-    q, k = attn._split_heads(attn.query(block.cross_attn_ln(x))), attn._split_heads(attn.key(features[:1]))
+    q = heads(attn.query(block.cross_attn_ln(x)), DIMS.n_text_head)
+    k = heads(attn.key(features[:1]), DIMS.n_text_head)
     scale = (DIMS.n_text_state // DIMS.n_text_head) ** -0.5
     assert mx.allclose(qks[0], (q * scale) @ k.transpose(0, 1, 3, 2), atol=1e-4).item()
 
 
 def test_vocabulary_projection_copy_follows_replaced_weights():
-    mx.random.seed(4)
-    model = Whisper(DIMS)
+    model = tiny_whisper(seed=4, **SHAPE)
     features = mx.random.normal((1, 1500, DIMS.n_audio_state), key=mx.random.key(5))
     tokens = mx.array([[50258, 50259, 50359]])
 
@@ -114,19 +122,21 @@ def test_vocabulary_projection_copy_follows_replaced_weights():
     assert "_embedding_t" not in dict(model.decoder.items())  # never a parameter or state
 
 
-def test_cpu_buffer_cache_is_raised_inside_and_restored_after(model):
+def test_cpu_buffer_cache_is_raised_inside_and_restored_after():
     scores = DIMS.n_audio_head * 1500**2 * 4  # float32 bytes of one layer's attention scores
+
+    def limit_inside(*args, **kwargs) -> int:
+        with cpu_buffer_cache(DIMS, *args, **kwargs):
+            inside = mx.set_cache_limit(0)
+            mx.set_cache_limit(inside)
+        return inside
+
     previous = mx.set_cache_limit(32 << 20)
     try:
-        with cpu_buffer_cache(model):
-            inside = mx.set_cache_limit(0)
-            mx.set_cache_limit(inside)
-        assert inside == 4 * scores
+        assert limit_inside(mx.float32) == 4 * scores
+        assert limit_inside(mx.float16) == 2 * scores  # half the bytes per score
         assert mx.set_cache_limit(10 * scores) == 32 << 20
-        with cpu_buffer_cache(model, batch_size=2):
-            inside = mx.set_cache_limit(0)
-            mx.set_cache_limit(inside)
-        assert inside == 10 * scores  # a larger limit is kept
+        assert limit_inside(mx.float32, batch_size=2) == 10 * scores  # a larger limit is kept
+        assert mx.set_cache_limit(0) == 10 * scores
     finally:
         mx.set_cache_limit(previous)
-

@@ -1,4 +1,4 @@
-"""Writers: subtitle files parse with standard parsers, json round-trips, names stay inside."""
+"""Writers: subtitle files parse with standard parsers, json round-trips, names stay inside, files get the umask."""
 
 import json
 import os
@@ -8,8 +8,7 @@ import pytest
 import srt
 import webvtt
 
-from models.inference.writers import (SUPPORTED_FORMATS, expand_formats, format_timestamp, output_stem,
-                            write_result)
+from models.inference.writers import SUPPORTED_FORMATS, expand_formats, format_timestamp, output_stem, write_result
 
 RESULT = {
     "text": " Hello there. Ọ̀rọ̀ Yorùbá --> ok",
@@ -70,6 +69,15 @@ def test_overwrite_is_atomic_and_keeps_others(tmp_path):
     assert (tmp_path / "x.txt").read_text().startswith("Hello there.")
     assert (tmp_path / "x.srt").read_text() == "keep"
     assert sorted(os.listdir(tmp_path)) == ["x.srt", "x.txt"]
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    umask = os.umask(0o027)  # the temp file behind each write starts as 0600
+    try:
+        (path,) = write_result(RESULT, tmp_path, "x.wav", ["txt"])
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.parametrize("evil,stem", [

@@ -19,7 +19,6 @@ from ..atomic import atomic_folder
 from ..backend import DTYPE_NAMES
 from ..loading import ModelLoadError, load_model, write_model_files
 from ..tuner.adapters import load_adapters, read_adapter_config
-
 from ..tuner.lora import dequantize_model, fuse_lora_layers
 from ..whisper import Whisper
 

@@ -9,16 +9,15 @@ tiktoken vocabulary so no file has to come from the openai/whisper-* repos.
 
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
 from ..atomic import atomic_folder, save_safetensors_atomic, write_json_atomic
-from ..loading import mlx_to_hf_weights
-
 from ..audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from ..loading import mlx_to_hf_weights
 from ..tokenizer import Tokenizer, tokenizer_for
 from ..whisper import Whisper, sinusoids
 

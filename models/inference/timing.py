@@ -13,9 +13,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND
-from .decoding import _as_features
 from ..tokenizer import Tokenizer
 from ..whisper import Whisper
+from .decoding import _as_features
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"

@@ -15,15 +15,24 @@ import mlx.core as mx
 import numpy as np
 
 from ..audio import (
-    FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES_PER_TOKEN, SAMPLE_RATE, TIME_PRECISION, ArraySource, AudioError,
-    MelWindows, load_audio, open_audio,
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES_PER_TOKEN,
+    SAMPLE_RATE,
+    TIME_PRECISION,
+    ArraySource,
+    AudioError,
+    MelWindows,
+    load_audio,
+    open_audio,
 )
 from ..backend import cpu_buffer_cache
+from ..tokenizer import LANGUAGES, tokenizer_for
+from ..whisper import Whisper
 from .decoding import DecodingOptions, DecodingResult, decode, decode_batches, detect_language
 from .options import TranscribeOptions
 from .timing import add_word_timestamps
-from ..tokenizer import LANGUAGES, language_code, tokenizer_for
-from ..whisper import Whisper
 from .writers import format_timestamp
 
 INPUT_STRIDE = N_SAMPLES_PER_TOKEN // HOP_LENGTH  # mel frames per audio position of the encoder

@@ -11,8 +11,13 @@
       test_predictions.jsonl predictions of lora.py --test
 """
 
+import fcntl
 import io
 import json
+import os
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -20,8 +25,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..atomic import save_safetensors_atomic, write_json_atomic
+from ..atomic import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from ..loading import ModelLoadError, read_json
+from .datasets import read_jsonl
 from .distributed import read_on_rank0
 from .lora import LoRAConfig, linear_to_lora_layers
 
@@ -33,6 +39,18 @@ RESUME_FILE = "resume.safetensors"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 PREDICTIONS_FILE = "test_predictions.jsonl"
+LOCK_INFO = ".lock"  # who holds the folder's lock, for the message a second run prints
+# Everything this project writes into an adapter folder (temp files of atomic writes included);
+# --overwrite refuses a folder holding anything else.
+FILES_WRITTEN = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, f"{BEST}/{ADAPTER_WEIGHTS}", f"{BEST}/{ADAPTER_CONFIG}",
+                 f"{CHECKPOINTS}/*_{ADAPTER_WEIGHTS}", f"{CHECKPOINTS}/{ADAPTER_CONFIG}", RESUME_FILE, METRICS_FILE,
+                 LOSS_PLOT, PREDICTIONS_FILE, LOCK_INFO, ".*.tmp", f"{BEST}/.*.tmp", f"{CHECKPOINTS}/.*.tmp")
+# The adapter_config.json keys a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("base_model", "model_dims", "lora")
+
+
+class AdapterFolderBusy(RuntimeError):
+    """Another process holds the adapter folder's lock."""
 
 
 class AdapterFolder:
@@ -40,31 +58,10 @@ class AdapterFolder:
 
     def __init__(self, path, config: Optional[dict] = None):
         self.path, self.config = Path(path), config
+        self.weights, self.best, self.resume = self.path / ADAPTER_WEIGHTS, self.path / BEST, self.path / RESUME_FILE
+        self.metrics, self.loss_plot = self.path / METRICS_FILE, self.path / LOSS_PLOT
+        self.predictions = self.path / PREDICTIONS_FILE
         self._configured = set()
-
-    @property
-    def weights(self) -> Path:
-        return self.path / ADAPTER_WEIGHTS
-
-    @property
-    def best(self) -> Path:
-        return self.path / BEST
-
-    @property
-    def resume(self) -> Path:
-        return self.path / RESUME_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.path / LOSS_PLOT
-
-    @property
-    def predictions(self) -> Path:
-        return self.path / PREDICTIONS_FILE
 
     def checkpoint(self, step: int) -> Path:
         return self.path / CHECKPOINTS / f"{step:07d}_{ADAPTER_WEIGHTS}"
@@ -74,6 +71,32 @@ class AdapterFolder:
 
     def has_config(self) -> bool:
         return (self.path / ADAPTER_CONFIG).is_file()
+
+    @contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the folder for a run's lifetime; a second run is refused, told who holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = json.loads((self.path / LOCK_INFO).read_text())
+                who = f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
+            except (OSError, ValueError, KeyError):
+                who = "a process that is just starting or stopping"
+            raise AdapterFolderBusy(f"{self.path} is in use by another lora.py run ({who}); wait for it to end, "
+                                    f"or choose another --adapter-path") from None
+        info = self.path / LOCK_INFO
+        try:
+            info.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            yield self
+        finally:
+            info.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def save(self, model: nn.Module, which: str = "last", step: Optional[int] = None) -> Path:
         """Save the trainable tensors as the last (`which="last"`), best or step-`step` checkpoint."""
@@ -87,6 +110,23 @@ class AdapterFolder:
             write_json_atomic(target.parent / ADAPTER_CONFIG, self.config)
             self._configured.add(target.parent)
         return target
+
+
+def resume_mismatch(saved: dict, wanted: dict) -> list:
+    """The RESUME_KEYS settings (flattened, e.g. "lora.rank") on which two adapter configs differ."""
+    def flat(config: dict) -> dict:
+        out = {}
+        for key in RESUME_KEYS:
+            value = config.get(key)
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    a, b = flat(saved), flat(wanted)
+    return [f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 def save_adapters(model: nn.Module, folder: Path, config: dict) -> None:
@@ -190,8 +230,8 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
         self.path, self.enabled = Path(path), enabled
         if enabled and resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [json.dumps(r) for r in self.records() if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif enabled and resume_step is None:
             self.path.unlink(missing_ok=True)
 
@@ -201,6 +241,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     def records(self) -> List[dict]:
+        """The records on disk; a last line cut short (a killed run) is left out, any other bad line is an error."""
         if not self.path.exists():
             return []
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l]
+        return [record for _, record in read_jsonl(self.path, cut_last_line_ok=True)]

@@ -136,7 +136,7 @@ def read_manifest(path: Union[str, Path], *, text_column: Optional[str] = None) 
         path = find_manifest(path) or path / "metadata.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; write a metadata.csv or a .jsonl manifest")
-    rows = _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
+    rows = _read_csv(path) if path.suffix == ".csv" else read_jsonl(path)
     text_columns = TEXT_COLUMNS if text_column is None else (text_column,)
     examples = []
     for line, row in rows:
@@ -170,23 +170,36 @@ def _read_csv(path: Path) -> List[Tuple[int, dict]]:
     # surrogateescape: a row with bytes that are not UTF-8 is dropped later (label_tokens), not the whole file.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
-        return [(reader.line_num, row) for row in reader]
+        rows, previous = [], 1
+        for row in reader:
+            start, previous = previous + 1, reader.line_num
+            if any("\n" in str(v) or "\r" in str(v) for v in row.values()):
+                raise ValueError(f"{path}:{start}: a quoted field runs on to line {reader.line_num} (an unbalanced "
+                                 f"quote?); a row is one line: fix the quotes in {path.name}")
+            rows.append((start, row))
+        return rows
 
 
-def _read_jsonl(path: Path) -> List[Tuple[int, dict]]:
-    rows = []
+def read_jsonl(path: Path, cut_last_line_ok: bool = False) -> List[Tuple[int, dict]]:
+    """(line number, object) of each non-empty line; a bad line is an error naming it.
+
+    `cut_last_line_ok`: a last line that is not valid JSON (a write cut short by a killed run) is left out.
+    """
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # see _read_csv
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                message = f"{path}:{line_number}: invalid JSON ({e.msg}); write one object per line"
-                raise ValueError(message) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_number, row))
+        lines = f.read().splitlines()
+    rows = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if cut_last_line_ok and line_number == len(lines):
+                break
+            raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg}); write one object per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((line_number, row))
     return rows
 
 

@@ -6,10 +6,10 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .batches import Features, collate
 from ..inference.decoding import DecodingOptions, decode_batches
-from .metrics import corpus_counts, rates_from_counts
 from ..tokenizer import Tokenizer
+from .batches import Features, collate
+from .metrics import corpus_counts, rates_from_counts
 
 
 @dataclass

@@ -246,9 +246,10 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
     run = _Run(trainer, val_set, folder, resume)
     if batch_source is None:
         world_size = 1 if trainer.world is None else trainer.world.size()
-        batch_source = partial(training_batches, train_set, args.batch_size, seed=args.seed,
-                               sort_window=args.sort_window, pad_to_multiple=args.pad_to_multiple,
-                               rank=trainer.rank, world_size=world_size)
+        def batch_source(start: int) -> Iterator[Batch]:
+            return training_batches(train_set, args.batch_size, seed=args.seed, start_step=start,
+                                    sort_window=args.sort_window, pad_to_multiple=args.pad_to_multiple,
+                                    rank=trainer.rank, world_size=world_size)
     batches = batch_source(run.start_step * args.grad_accumulation)
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
