@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random Whisper models built from the dimensions dataclass, and their folders."""
 
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,8 +11,6 @@ from models.whisper import ModelDimensions, Whisper
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BASE_MODEL = SHARED / "models" / "whisper-base-mlx"
-# The one sys.path entry of the tests: benchmarks/ is a folder of scripts, not a package.
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def tiny_dims(**overrides) -> ModelDimensions:
