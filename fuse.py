@@ -25,14 +25,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-path", default="fused_model", help="MLX output folder (default: %(default)s)")
     p.add_argument("--quantize", action="store_true", help="quantize Linear and Embedding layers (MLX folder only)")
     p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4, help="bits per weight (default: %(default)s)")
-    p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
-                   help="weights sharing one scale (default: %(default)s)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="write float weights when the base model is quantized (adapters trained with QLoRA)")
-    p.add_argument("--export-hf", default=None, metavar="FOLDER",
-                   help="also write the Hugging Face transformers layout (float weights) to FOLDER")
-    p.add_argument("--upload-repo", default=None, metavar="USER/NAME",
-                   help="create this Hub model repo (if needed) and upload the --save-path folder to it")
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=Q_GROUP_SIZES,
+        default=64,
+        help="weights sharing one scale (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write float weights when the base model is quantized (adapters trained with QLoRA)",
+    )
+    p.add_argument(
+        "--export-hf",
+        default=None,
+        metavar="FOLDER",
+        help="also write the Hugging Face transformers layout (float weights) to FOLDER",
+    )
+    p.add_argument(
+        "--upload-repo",
+        default=None,
+        metavar="USER/NAME",
+        help="create this Hub model repo (if needed) and upload the --save-path folder to it",
+    )
     p.add_argument("--force", action="store_true", help="replace output folders that already exist")
     return p
 

@@ -23,36 +23,64 @@ CONFIG_VERSION = 1
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file setting any flag below (kebab or snake case); the command line wins")
+    _model_and_data_flags(p)
+    _lora_flags(p.add_argument_group("LoRA"))
+    _training_flags(p.add_argument_group("training"))
+    return p
+
+
+def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     utils.add_model_flags(g, "compute dtype of the base model (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--adapter-path", default="adapters", help=f"folder for adapters, metrics and checkpoints {DEFAULTS_HELP}")
+    g.add_argument(
+        "--adapter-path", default="adapters", help=f"folder for adapters, metrics and checkpoints {DEFAULTS_HELP}"
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="local folder: metadata.csv / *.jsonl, with train/ validation/ test/ subfolders or one flat set")
+    g.add_argument(
+        "--data", help="local folder: metadata.csv / *.jsonl, with train/ validation/ test/ subfolders or one flat set"
+    )
     g.add_argument("--hf-dataset", help="Hugging Face dataset name, e.g. mozilla-foundation/common_voice_17_0")
     g.add_argument("--hf-config", help="dataset config, e.g. te")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation")
     g.add_argument("--test-split", default="test")
-    g.add_argument("--text-column", help="transcript column (default: sentence, text, transcription or normalized_text)")
+    g.add_argument(
+        "--text-column", help="transcript column (default: sentence, text, transcription or normalized_text)"
+    )
     g.add_argument("--audio-column", help="audio column of a Hub dataset (default: audio)")
     g.add_argument("--streaming", action="store_true", help="stream a large Hub dataset instead of downloading it")
     g.add_argument("--language", help="language of rows without a language/locale column, e.g. te")
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a flat local set")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-layers", type=int, default=-1, help="adapt the last N blocks of encoder and decoder; -1 = all")
+
+
+def _lora_flags(g) -> None:
+    g.add_argument(
+        "--lora-layers", type=int, default=-1, help="adapt the last N blocks of encoder and decoder; -1 = all"
+    )
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=16.0, help="scale = alpha / rank")
     g.add_argument("--lora-scale", type=float, default=None, help="set the scale directly (overrides --lora-alpha)")
     g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="attn.query,attn.value,cross_attn.query,cross_attn.value",
-                   help="comma-separated layers per block: attn.{query,key,value,out}, cross_attn.*, mlp1, mlp2")
-    g.add_argument("--freeze-encoder", action="store_true", help="no LoRA in the encoder; its outputs are computed once")
-    g = p.add_argument_group("training")
+    g.add_argument(
+        "--lora-targets",
+        default="attn.query,attn.value,cross_attn.query,cross_attn.value",
+        help="comma-separated layers per block: attn.{query,key,value,out}, cross_attn.*, mlp1, mlp2",
+    )
+    g.add_argument(
+        "--freeze-encoder", action="store_true", help="no LoRA in the encoder; its outputs are computed once"
+    )
+
+
+def _training_flags(g) -> None:
     g.add_argument("--train", action="store_true", help="train (the default unless --test is given alone)")
-    g.add_argument("--test", action="store_true", help="evaluate on the test split (validation if none): WER/CER + predictions")
+    g.add_argument(
+        "--test", action="store_true", help="evaluate on the test split (validation if none): WER/CER + predictions"
+    )
     g.add_argument("--test-output", help="predictions JSONL of --test (default: ADAPTER_PATH/test_predictions.jsonl)")
     g.add_argument("--iters", type=int, default=200)
-    g.add_argument("--epochs", type=float, default=None, help="train this many passes over the data (overrides --iters)")
+    g.add_argument(
+        "--epochs", type=float, default=None, help="train this many passes over the data (overrides --iters)"
+    )
     g.add_argument("--batch-size", type=int, default=8, help="clips per step (global, over all processes)")
     g.add_argument("--learning-rate", type=float, default=1e-4)
     g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine")
@@ -69,16 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from ADAPTER_PATH/resume.safetensors")
     g.add_argument("--overwrite", action="store_true", help="replace adapters already in --adapter-path")
     g.add_argument("--seed", type=int, default=0)
-    return p
 
 
 def lora_config(args):
     from models.tuner.lora import LoRAConfig
 
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    return LoRAConfig(num_layers=args.lora_layers, rank=args.lora_rank, alpha=args.lora_alpha,
-                      scale=args.lora_scale, dropout=args.lora_dropout, targets=targets,
-                      freeze_encoder=args.freeze_encoder)
+    return LoRAConfig(
+        num_layers=args.lora_layers,
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        scale=args.lora_scale,
+        dropout=args.lora_dropout,
+        targets=targets,
+        freeze_encoder=args.freeze_encoder,
+    )
 
 
 def load_splits(args) -> Dict[str, object]:
@@ -90,14 +123,24 @@ def load_splits(args) -> Dict[str, object]:
     if args.data is not None:
         # --test alone on a flat folder scores every row; training holds out --val-fraction.
         val_fraction = 0.0 if args.test and not args.train else args.val_fraction
-        return datasets.load_local_dataset(args.data, val_fraction=val_fraction, seed=args.seed,
-                                           text_column=args.text_column)
+        return datasets.load_local_dataset(
+            args.data, val_fraction=val_fraction, seed=args.seed, text_column=args.text_column
+        )
     wanted = {"train": args.train_split, "validation": args.val_split}
     if args.test:
         wanted["test"] = args.test_split
-    return {name: datasets.load_hf_dataset(args.hf_dataset, args.hf_config, split, text_column=args.text_column,
-                                           audio_column=args.audio_column, streaming=args.streaming)
-            for name, split in wanted.items() if split}
+    return {
+        name: datasets.load_hf_dataset(
+            args.hf_dataset,
+            args.hf_config,
+            split,
+            text_column=args.text_column,
+            audio_column=args.audio_column,
+            streaming=args.streaming,
+        )
+        for name, split in wanted.items()
+        if split
+    }
 
 
 def featurize(examples, tokenizer, n_mels: int, args, what: str, log, verbose: bool = True) -> List:
@@ -119,12 +162,21 @@ def training_args(args, n_train: int, log):
         iters = max(1, round(args.epochs * per_epoch))
         log(f"{args.epochs} epochs of {n_train} clips = {iters} iterations")
     return TrainingArgs(
-        iters=iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip or None, grad_accumulation=args.grad_accumulation,
-        grad_checkpoint=args.grad_checkpoint, steps_per_report=args.steps_per_report,
-        steps_per_eval=args.steps_per_eval, val_batches=args.val_batches, save_every=args.save_every,
-        seed=args.seed, best_metric=args.best_metric,
+        iters=iters,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None,
+        grad_accumulation=args.grad_accumulation,
+        grad_checkpoint=args.grad_checkpoint,
+        steps_per_report=args.steps_per_report,
+        steps_per_eval=args.steps_per_eval,
+        val_batches=args.val_batches,
+        save_every=args.save_every,
+        seed=args.seed,
+        best_metric=args.best_metric,
     )
 
 
@@ -144,8 +196,12 @@ def run_test(args, model, tokenizer, splits, log) -> int:
     with atomic_output(output, "w", encoding="utf-8") as f:
         for p in result.predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        f.write(json.dumps({"split": name, "clips": len(features), "loss": result.loss, "wer": result.wer,
-                            "cer": result.cer}) + "\n")
+        f.write(
+            json.dumps(
+                {"split": name, "clips": len(features), "loss": result.loss, "wer": result.wer, "cer": result.cer}
+            )
+            + "\n"
+        )
     log(f"Test on {name} ({len(features)} clips): {result.summary()}; predictions in {output}")
     return 0
 
@@ -155,8 +211,11 @@ def streamed_batches(args, splits, tokenizer, n_mels: int, world):
     from models.tuner.batches import stream_batches
 
     rank, size = (0, 1) if world is None else (world.rank(), world.size())
-    return lambda start: islice(stream_batches(splits["train"], tokenizer, n_mels, args.language, args.batch_size,
-                                               rank=rank, world_size=size), start, None)
+    return lambda start: islice(
+        stream_batches(splits["train"], tokenizer, n_mels, args.language, args.batch_size, rank=rank, world_size=size),
+        start,
+        None,
+    )
 
 
 def train(args, model, tokenizer, splits, world, log) -> int:
@@ -169,8 +228,10 @@ def train(args, model, tokenizer, splits, world, log) -> int:
     rank = 0 if world is None else world.rank()
     folder = AdapterFolder(args.adapter_path)
     if folder.has_adapters() and not (args.resume or args.overwrite):
-        raise ValueError(f"{folder.path} already holds adapters; pass --resume to continue that run, "
-                         f"--overwrite to replace them, or another --adapter-path")
+        raise ValueError(
+            f"{folder.path} already holds adapters; pass --resume to continue that run, "
+            f"--overwrite to replace them, or another --adapter-path"
+        )
     config = lora_config(args)
     linear_to_lora_layers(model, config)
     trainable, total = trainable_parameter_count(model), parameter_count(model)
@@ -182,11 +243,20 @@ def train(args, model, tokenizer, splits, world, log) -> int:
         raise ValueError("no usable training examples (see the report above)")
     if config.freeze_encoder:
         log("Frozen encoder: computing encoder outputs once")
-        train_set, val = encode_features(model, train_set, args.batch_size), encode_features(model, val, args.batch_size)
+        train_set, val = (
+            encode_features(model, train_set, args.batch_size),
+            encode_features(model, val, args.batch_size),
+        )
     training = training_args(args, len(train_set), log)
-    folder.config = {"version": CONFIG_VERSION, "base_model": str(args.model), "model_dims": model.dims.to_dict(),
-                     "lora": config.to_dict(), "training": asdict(training),
-                     "data": args.data or f"{args.hf_dataset}:{args.hf_config}", "language": args.language}
+    folder.config = {
+        "version": CONFIG_VERSION,
+        "base_model": str(args.model),
+        "model_dims": model.dims.to_dict(),
+        "lora": config.to_dict(),
+        "training": asdict(training),
+        "data": args.data or f"{args.hf_dataset}:{args.hf_config}",
+        "language": args.language,
+    }
     trainer = Trainer(model, tokenizer, training, world=world, log=log)
     source = streamed_batches(args, splits, tokenizer, n_mels, world) if streaming else None
     try:

@@ -47,20 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=default("beam_size"), help="beam search width at temperature 0")
     p.add_argument("--best-of", type=int, default=default("best_of"), help="samples to pick from at temperature > 0")
     p.add_argument("--patience", type=float, default=default("patience"), help="beam search patience")
-    p.add_argument("--length-penalty", type=float, default=default("length_penalty"),
-                   help="0..1; default: divide by length")
+    p.add_argument(
+        "--length-penalty", type=float, default=default("length_penalty"), help="0..1; default: divide by length"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="first sampling temperature, 0..1")
-    p.add_argument("--temperature-increment-on-fallback", type=_optional_float, default=0.2,
-                   help="raise the temperature by this up to 1.0 when a window fails the thresholds; none: never")
+    p.add_argument(
+        "--temperature-increment-on-fallback",
+        type=_optional_float,
+        default=0.2,
+        help="raise the temperature by this up to 1.0 when a window fails the thresholds; none: never",
+    )
     for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
         p.add_argument("--" + name.replace("_", "-"), type=_optional_float, default=default(name))
     p.add_argument("--initial-prompt", default=None, help="text to condition the first window on")
-    p.add_argument("--condition-on-previous-text", type=_bool, default=default("condition_on_previous_text"),
-                   metavar="{True,False}")
+    p.add_argument(
+        "--condition-on-previous-text",
+        type=_bool,
+        default=default("condition_on_previous_text"),
+        metavar="{True,False}",
+    )
     p.add_argument("--word-timestamps", action="store_true", help="time every word (json output)")
     p.add_argument("--without-timestamps", action="store_true", help="decode 30 s windows without timestamps")
-    p.add_argument("--output-format", type=_formats, default=["txt"],
-                   help=f"comma-separated, from {', '.join(FORMAT_CHOICES)} (default: txt)")
+    p.add_argument(
+        "--output-format",
+        type=_formats,
+        default=["txt"],
+        help=f"comma-separated, from {', '.join(FORMAT_CHOICES)} (default: txt)",
+    )
     p.add_argument("--output-dir", default=".", help="where to write the output files")
     p.add_argument("--verbose", action="store_true", help="print each segment as it is decoded")
     return p
@@ -70,13 +83,21 @@ def options_from_args(args: argparse.Namespace):
     from models.inference.options import TranscribeOptions, temperature_schedule
 
     return TranscribeOptions(
-        language=args.language, task=args.task,
+        language=args.language,
+        task=args.task,
         temperature=temperature_schedule(args.temperature, args.temperature_increment_on_fallback),
-        compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
-        no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
-        initial_prompt=args.initial_prompt, word_timestamps=args.word_timestamps, beam_size=args.beam_size,
-        best_of=args.best_of, patience=args.patience, length_penalty=args.length_penalty,
-        without_timestamps=args.without_timestamps, verbose=args.verbose,
+        compression_ratio_threshold=args.compression_ratio_threshold,
+        logprob_threshold=args.logprob_threshold,
+        no_speech_threshold=args.no_speech_threshold,
+        condition_on_previous_text=args.condition_on_previous_text,
+        initial_prompt=args.initial_prompt,
+        word_timestamps=args.word_timestamps,
+        beam_size=args.beam_size,
+        best_of=args.best_of,
+        patience=args.patience,
+        length_penalty=args.length_penalty,
+        without_timestamps=args.without_timestamps,
+        verbose=args.verbose,
     )
 
 
@@ -145,8 +166,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         failed = transcribe_files(model, files, options, args.output_dir, args.output_format)
     if missing or failed:
-        print(f"\nTranscribed {len(files) - len(failed)} of {len(files)} file(s); "
-              f"{len(failed)} failed, {len(missing)} input(s) not found:", file=sys.stderr)
+        print(
+            f"\nTranscribed {len(files) - len(failed)} of {len(files)} file(s); "
+            f"{len(failed)} failed, {len(missing)} input(s) not found:",
+            file=sys.stderr,
+        )
         for item, reason in missing + failed:
             print(f"  {item}: {reason}", file=sys.stderr)
         return 1

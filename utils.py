@@ -18,8 +18,9 @@ def add_model_flags(parser: argparse.ArgumentParser, dtype_help: str, model_requ
     if model_required:
         parser.add_argument("--model", required=True, help="base model folder or Hugging Face repo id")
     else:
-        parser.add_argument("--model", default=DEFAULT_MODEL,
-                            help="model folder or Hugging Face repo id (default: %(default)s)")
+        parser.add_argument(
+            "--model", default=DEFAULT_MODEL, help="model folder or Hugging Face repo id (default: %(default)s)"
+        )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=dtype_help)
 
 
@@ -101,8 +102,16 @@ def report_errors(main: Callable[[], int], expected: Tuple[type, ...] = (ValueEr
         return 1
 
 
-def number(kind: type, low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
-           high_open: bool = False, none: bool = False, also: Tuple = ()) -> Callable[[str], object]:
+def number(
+    kind: type,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    none: bool = False,
+    also: Tuple = (),
+) -> Callable[[str], object]:
     """An argparse `type` that parses an int or float and checks its range where the flag enters.
 
     `low_open`/`high_open` exclude the bound itself; `none` also accepts "none" (None); `also`
@@ -125,8 +134,11 @@ def number(kind: type, low: Optional[float] = None, high: Optional[float] = None
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
         if value in also:
             return value
-        if (kind is float and not math.isfinite(value)) or (low is not None and (value < low or (low_open and value == low))) or \
-                (high is not None and (value > high or (high_open and value == high))):
+        if (
+            (kind is float and not math.isfinite(value))
+            or (low is not None and (value < low or (low_open and value == low)))
+            or (high is not None and (value > high or (high_open and value == high)))
+        ):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 

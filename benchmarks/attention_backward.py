@@ -20,9 +20,11 @@ from functools import partial
 from common import markdown_table, out_dir, summary, time_calls, write_results
 
 # (name, query length, key length, mask) for whisper-medium: 16 heads of 64.
-CASES = [("encoder self-attention", 1500, 1500, None),
-         ("decoder self-attention", 64, 64, "causal"),
-         ("decoder cross-attention", 64, 1500, None)]
+CASES = [
+    ("encoder self-attention", 1500, 1500, None),
+    ("decoder self-attention", 64, 64, "causal"),
+    ("decoder cross-attention", 64, 1500, None),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,7 @@ def measure(args, t_q: int, t_k: int, mask) -> dict:
 
     from models import kernels
 
-    dtype, scale = getattr(mx, args.dtype), args.head_dim ** -0.5
+    dtype, scale = getattr(mx, args.dtype), args.head_dim**-0.5
     mx.random.seed(0)
     # (batch, heads, T, head_dim), as MultiHeadAttention hands them to kernels.attention
     q = mx.random.normal((args.batch, args.heads, t_q, args.head_dim)).astype(dtype)
@@ -61,8 +63,11 @@ def measure(args, t_q: int, t_k: int, mask) -> dict:
         mx.clear_cache()
         mx.reset_peak_memory()
         times = time_calls(lambda grad=grad: (mx.eval(grad(q, k, v)), mx.synchronize()), 2, args.steps)
-        result[mode] = dict(summary(times), peak_gb=mx.get_peak_memory() / 1e9,
-                            padded=bool(kernels.cudnn_query_padding(t_q, dtype, mask, train)))
+        result[mode] = dict(
+            summary(times),
+            peak_gb=mx.get_peak_memory() / 1e9,
+            padded=bool(kernels.cudnn_query_padding(t_q, dtype, mask, train)),
+        )
         result[mode]["grads"] = grads
     differences = []
     for a, b in zip(result["unfused"].pop("grads"), result["fused"].pop("grads")):
@@ -81,13 +86,34 @@ def main() -> int:
         result = measure(args, t_q, t_k, mask)
         payload[name] = result
         unfused, fused = result["unfused"], result["fused"]
-        rows.append([name, f"{t_q}×{t_k}", f"{1e3 * unfused['median_s']:.2f}", f"{1e3 * fused['median_s']:.2f}",
-                     f"{unfused['median_s'] / fused['median_s']:.2f}×", f"{unfused['peak_gb']:.2f}",
-                     f"{fused['peak_gb']:.2f}", "yes" if fused["padded"] else "no",
-                     " / ".join(f"{x:.1e}" for x in result["max_relative_difference_qkv"])])
+        rows.append(
+            [
+                name,
+                f"{t_q}×{t_k}",
+                f"{1e3 * unfused['median_s']:.2f}",
+                f"{1e3 * fused['median_s']:.2f}",
+                f"{unfused['median_s'] / fused['median_s']:.2f}×",
+                f"{unfused['peak_gb']:.2f}",
+                f"{fused['peak_gb']:.2f}",
+                "yes" if fused["padded"] else "no",
+                " / ".join(f"{x:.1e}" for x in result["max_relative_difference_qkv"]),
+            ]
+        )
         print(name, rows[-1], flush=True)
-    table = markdown_table(["attention", "T_q×T_k", "unfused ms", "fused ms", "speed-up", "unfused peak GB",
-                            "fused peak GB", "padded", "max rel. diff dq / dk / dv"], rows)
+    table = markdown_table(
+        [
+            "attention",
+            "T_q×T_k",
+            "unfused ms",
+            "fused ms",
+            "speed-up",
+            "unfused peak GB",
+            "fused peak GB",
+            "padded",
+            "max rel. diff dq / dk / dv",
+        ],
+        rows,
+    )
     write_results(out_dir(args.out_dir), args.name, payload, table)
     print(table)
     return 0

@@ -100,10 +100,19 @@ def transformers_whisper(shape, attn: str, device, dtype, **config):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     config = WhisperConfig(
-        vocab_size=shape.n_vocab, num_mel_bins=shape.n_mels, d_model=shape.n_state,
-        encoder_layers=shape.n_layer, encoder_attention_heads=shape.n_head, encoder_ffn_dim=4 * shape.n_state,
-        decoder_layers=shape.n_layer, decoder_attention_heads=shape.n_head, decoder_ffn_dim=4 * shape.n_state,
-        max_source_positions=1500, max_target_positions=448, dropout=0.0, **config,
+        vocab_size=shape.n_vocab,
+        num_mel_bins=shape.n_mels,
+        d_model=shape.n_state,
+        encoder_layers=shape.n_layer,
+        encoder_attention_heads=shape.n_head,
+        encoder_ffn_dim=4 * shape.n_state,
+        decoder_layers=shape.n_layer,
+        decoder_attention_heads=shape.n_head,
+        decoder_ffn_dim=4 * shape.n_state,
+        max_source_positions=1500,
+        max_target_positions=448,
+        dropout=0.0,
+        **config,
     )
     torch.manual_seed(0)
     with torch.device(device):
@@ -122,13 +131,14 @@ def run_worker(cmd: List[str], timeout: float, env: Optional[dict] = None) -> di
     print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
     timeout = None if timeout == float("inf") else max(timeout, 1.0)
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,
-                              env=full_env, cwd=ROOT)
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env=full_env, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if lines:
-        return json.loads(lines[-1][len(RESULT_PREFIX):])
+        return json.loads(lines[-1][len(RESULT_PREFIX) :])
     tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
     return {"error": f"worker exited with {proc.returncode} and no result{': ' + tail if tail else ''}"}
 

@@ -24,13 +24,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
+from common import ROOT, markdown_table, out_dir, write_results
 from transcribe_speed import SHARED, build_clip
 
-from common import ROOT, markdown_table, out_dir, write_results
-
 # Where each module a tree needs lives, by layout: "windows" holds MelWindows and ArraySource.
-SPLIT_LAYOUT = {"whisper": "whisper", "decoding": "inference.decoding", "transcribe": "inference.transcribe",
-                "windows": "audio", "backend": "backend"}
+SPLIT_LAYOUT = {
+    "whisper": "whisper",
+    "decoding": "inference.decoding",
+    "transcribe": "inference.transcribe",
+    "windows": "audio",
+    "backend": "backend",
+}
 FLAT_LAYOUT = {"whisper": "whisper", "decoding": "decoding", "transcribe": "transcribe", "windows": "transcribe"}
 
 
@@ -52,8 +56,9 @@ def load_package(name: str, folder: Path) -> SimpleNamespace:
     buffer cache transcribe() runs under, where the tree has one.
     """
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
         package = importlib.util.module_from_spec(spec)
         sys.modules[name] = package
         spec.loader.exec_module(package)
@@ -68,8 +73,9 @@ def load_package(name: str, folder: Path) -> SimpleNamespace:
 
 def revision_copy(rev: str, tmp: Path) -> Path:
     """models/ as of git revision `rev`, extracted under `tmp`."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "models"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "models"], capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(tmp, filter="data")
     return tmp / "models"
@@ -156,14 +162,28 @@ def encoder_difference(models: dict, audio) -> float:
 def report(timing: dict, equality: dict, enc_diff: tuple) -> str:
     rows = []
     for name in timing["base"]:
-        (bw, bc), (pw, pc) = [(statistics.median(w for w, _ in timing[v][name]),
-                               statistics.median(c for _, c in timing[v][name])) for v in ("base", "proposed")]
+        (bw, bc), (pw, pc) = [
+            (statistics.median(w for w, _ in timing[v][name]), statistics.median(c for _, c in timing[v][name]))
+            for v in ("base", "proposed")
+        ]
         rows.append([name, f"{bw:.3f}", f"{pw:.3f}", f"{bw / pw:.2f}x", f"{bc:.3f}", f"{pc:.3f}", f"{bc / pc:.2f}x"])
-    text = markdown_table(["measure (28 s clip)", "base wall s", "proposed wall s", "speed-up (wall)",
-                           "base CPU s", "proposed CPU s", "speed-up (CPU time)"], rows)
-    text += (f"\n\nOne-window decode: {timing['decode_tokens']} tokens. Encoder output max |diff| "
-             f"{enc_diff[0]:.2e} (max |value| {enc_diff[1]:.1f}). Transcripts: {equality['identical']} of "
-             f"{equality['clips']} clips token-identical.")
+    text = markdown_table(
+        [
+            "measure (28 s clip)",
+            "base wall s",
+            "proposed wall s",
+            "speed-up (wall)",
+            "base CPU s",
+            "proposed CPU s",
+            "speed-up (CPU time)",
+        ],
+        rows,
+    )
+    text += (
+        f"\n\nOne-window decode: {timing['decode_tokens']} tokens. Encoder output max |diff| "
+        f"{enc_diff[0]:.2e} (max |value| {enc_diff[1]:.1f}). Transcripts: {equality['identical']} of "
+        f"{equality['clips']} clips token-identical."
+    )
     for d in equality["different"]:
         text += f"\n- {d['clip']}: base {d['base']!r} / proposed {d['proposed']!r}"
     return text
@@ -189,8 +209,12 @@ def main() -> int:
         clips = [("28 s clip", audio)] + [(f.name, soundfile.read(str(f), dtype="float32")[0]) for f in files]
         equality = compare_transcripts(models, clips)
     text = f"base: models/ at {args.base_rev}; proposed: the working tree.\n\n" + report(timing, equality, enc_diff)
-    write_results(out_dir(args.out_dir), args.name, {"base_rev": args.base_rev, "timing": timing,
-                                                      "equality": equality, "encoder_max_abs_diff": enc_diff}, text)
+    write_results(
+        out_dir(args.out_dir),
+        args.name,
+        {"base_rev": args.base_rev, "timing": timing, "equality": equality, "encoder_max_abs_diff": enc_diff},
+        text,
+    )
     print(text)
     return 0 if not equality["different"] else 1
 

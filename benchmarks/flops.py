@@ -36,10 +36,18 @@ class Shape:
 
     def dims(self) -> dict:
         """The models.whisper.ModelDimensions fields."""
-        return dict(n_mels=self.n_mels, n_audio_ctx=N_AUDIO_CTX, n_audio_state=self.n_state,
-                    n_audio_head=self.n_head, n_audio_layer=self.n_layer, n_vocab=self.n_vocab,
-                    n_text_ctx=N_TEXT_CTX, n_text_state=self.n_state, n_text_head=self.n_head,
-                    n_text_layer=self.n_layer)
+        return dict(
+            n_mels=self.n_mels,
+            n_audio_ctx=N_AUDIO_CTX,
+            n_audio_state=self.n_state,
+            n_audio_head=self.n_head,
+            n_audio_layer=self.n_layer,
+            n_vocab=self.n_vocab,
+            n_text_ctx=N_TEXT_CTX,
+            n_text_state=self.n_state,
+            n_text_head=self.n_head,
+            n_text_layer=self.n_layer,
+        )
 
 
 SHAPES: Dict[str, Shape] = {
@@ -97,8 +105,9 @@ def _first_block_attention_backward(t_q: int, t_k: int, d: int, targets: list) -
     return product * ((q or k) + q + k + v)  # dP (for dQ or dK), dQ, dK, dV
 
 
-def lora_step_flops(shape: Shape, batch: int, n_tokens: int = 64, rank: int = 8,
-                    targets: Iterable[str] = DEFAULT_TARGETS) -> Dict[str, int]:
+def lora_step_flops(
+    shape: Shape, batch: int, n_tokens: int = 64, rank: int = 8, targets: Iterable[str] = DEFAULT_TARGETS
+) -> Dict[str, int]:
     """Forward, backward and total FLOPs of one LoRA training step over `batch` clips."""
     targets = list(targets)
     t, n_tok, d, n = N_AUDIO_CTX, n_tokens, shape.n_state, shape.n_layer
@@ -115,14 +124,23 @@ def lora_step_flops(shape: Shape, batch: int, n_tokens: int = 64, rank: int = 8,
     enc_bwd -= 3 * _linear(t, d, d) + 2 * enc_attn - _first_block_attention_backward(t, t, d, targets)
     dec_self_attn = 2 * (2 * n_tok * n_tok * d)
     dec_cross_attn = 2 * (2 * n_tok * t * d)
-    dec_block = (4 * _linear(n_tok, d, d) + 2 * dec_self_attn + 2 * _linear(n_tok, d, d) + 2 * _linear(t, d, d)
-                 + 2 * dec_cross_attn + n_tok * mlp)
+    dec_block = (
+        4 * _linear(n_tok, d, d)
+        + 2 * dec_self_attn
+        + 2 * _linear(n_tok, d, d)
+        + 2 * _linear(t, d, d)
+        + 2 * dec_cross_attn
+        + n_tok * mlp
+    )
     dec_bwd = n * dec_block + _linear(n_tok, d, shape.n_vocab)  # + dX of the tied vocabulary projection
     dec_bwd -= 3 * _linear(n_tok, d, d) + 2 * dec_self_attn - _first_block_attention_backward(n_tok, n_tok, d, targets)
     # LoRA: dz = dY B^T, dB, dA (3 products) and dX = dz A^T, except where x is frozen (block 0 q/k/v).
     lora_bwd = n * sum(4 * rows * (d_in + d_out) * rank for _, _, rows, d_in, d_out in layers)
-    lora_bwd -= sum(2 * rows * d_in * rank for _, target, rows, d_in, _ in layers
-                    if target in ("attn.query", "attn.key", "attn.value"))
+    lora_bwd -= sum(
+        2 * rows * d_in * rank
+        for _, target, rows, d_in, _ in layers
+        if target in ("attn.query", "attn.key", "attn.value")
+    )
     bwd = enc_bwd + dec_bwd + lora_bwd
     return {
         "encoder_forward": batch * encoder_forward(shape),

@@ -86,8 +86,12 @@ def check_fused(args, work: Path) -> dict:
         logits = forced_logits(model, features, prompt, ref_tokens)
         rel = [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(logits, ref_logits)]
         same = sum(a == b for a, b in zip(tokens, ref_tokens))
-        result[name] = {"token_identical": same, "token_identical_rate": same / len(clips),
-                        "logits_max_rel_diff": max(rel), "logits_median_rel_diff": float(np.median(rel))}
+        result[name] = {
+            "token_identical": same,
+            "token_identical_rate": same / len(clips),
+            "logits_max_rel_diff": max(rel),
+            "logits_median_rel_diff": float(np.median(rel)),
+        }
         print(name, result[name], flush=True)
     return result
 
@@ -99,18 +103,39 @@ def check_mlx_whisper(args, work: Path) -> dict:
     folder = work / "f16"
     model = load_model(str(folder), mx.float32)
     ours = [transcribe(model, c, language=args.language, temperature=0.0)["text"] for c in clips]
-    out = subprocess.run([args.mlx_whisper_python, "-c", MLX_WHISPER_SCRIPT, str(folder), args.language, *clips],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [args.mlx_whisper_python, "-c", MLX_WHISPER_SCRIPT, str(folder), args.language, *clips],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     theirs = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     same = sum(a.strip() == b.strip() for a, b in zip(ours, theirs))
     cli_dir = work / "cli"
-    subprocess.run([sys.executable, str(ROOT / "transcribe.py"), clips[0], "--model", str(folder), "--language",
-                    args.language, "--temperature-increment-on-fallback", "none", "--output-dir", str(cli_dir)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "transcribe.py"),
+            clips[0],
+            "--model",
+            str(folder),
+            "--language",
+            args.language,
+            "--temperature-increment-on-fallback",
+            "none",
+            "--output-dir",
+            str(cli_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
     cli_text = (cli_dir / (Path(clips[0]).stem + ".txt")).read_text(encoding="utf-8")
-    return {"clips": len(clips), "mlx_whisper_same_text": same,
-            "differences": [(a, b) for a, b in zip(ours, theirs) if a.strip() != b.strip()],
-            "transcribe_py_same_text": " ".join(cli_text.split()) == " ".join(ours[0].split())}
+    return {
+        "clips": len(clips),
+        "mlx_whisper_same_text": same,
+        "differences": [(a, b) for a, b in zip(ours, theirs) if a.strip() != b.strip()],
+        "transcribe_py_same_text": " ".join(cli_text.split()) == " ".join(ours[0].split()),
+    }
 
 
 def check_transformers(args, work: Path) -> dict:
@@ -125,8 +150,9 @@ def check_transformers(args, work: Path) -> dict:
         mel = mels(clips)
         tokens, _, _ = greedy_and_features(ours, mel, language)
         with torch.no_grad():
-            out = hf.generate(torch.tensor(mel.transpose(0, 2, 1)), language=language, task="transcribe",
-                              do_sample=False, num_beams=1)
+            out = hf.generate(
+                torch.tensor(mel.transpose(0, 2, 1)), language=language, task="transcribe", do_sample=False, num_beams=1
+            )
         eot = tokenizer_for(ours, language).eot
         theirs = [[t for t in row.tolist() if t < eot] for row in out]  # prompt and end of text dropped
         same = sum(a == b for a, b in zip(tokens, theirs))

@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from flops import SHAPES, encoder_forward
-
 from common import (
     markdown_table,
     out_dir,
@@ -29,6 +27,7 @@ from common import (
     worker_main,
     write_results,
 )
+from flops import SHAPES, encoder_forward
 
 SOT_SEQUENCE = [50258, 50259, 50359, 50363]  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
 EOT = 50257
@@ -80,8 +79,9 @@ def mlx_worker(args) -> dict:
     features = model.embed_audio(mel)
     mx.eval(features)
     # "-1": the usual non-speech symbols; the end of text too, so that every run has `tokens` tokens.
-    options = DecodingOptions(language="en", without_timestamps=True, sample_len=args.tokens,
-                              suppress_tokens=f"-1,{EOT}")
+    options = DecodingOptions(
+        language="en", without_timestamps=True, sample_len=args.tokens, suppress_tokens=f"-1,{EOT}"
+    )
     produced = []
 
     def run_decode():
@@ -96,8 +96,14 @@ def mlx_worker(args) -> dict:
     decoding = time_calls(run_decode, args.warmup, args.runs)
     mx.reset_peak_memory()
     run_decode()
-    return {"device": device, "mlx": mx.__version__, "encoder": summary(encoder), "decode": summary(decoding),
-            "tokens": produced[-1], "peak_gb": mx.get_peak_memory() / 1e9}
+    return {
+        "device": device,
+        "mlx": mx.__version__,
+        "encoder": summary(encoder),
+        "decode": summary(decoding),
+        "tokens": produced[-1],
+        "peak_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def torch_worker(args) -> dict:
@@ -109,16 +115,30 @@ def torch_worker(args) -> dict:
 
     cuda = device.type == "cuda"
     shape, dtype = SHAPES[args.size], getattr(torch, args.dtype)
-    model = transformers_whisper(shape, "sdpa", device, dtype, decoder_start_token_id=SOT_SEQUENCE[0],
-                                 eos_token_id=EOT, pad_token_id=EOT, bos_token_id=EOT).eval()
+    model = transformers_whisper(
+        shape,
+        "sdpa",
+        device,
+        dtype,
+        decoder_start_token_id=SOT_SEQUENCE[0],
+        eos_token_id=EOT,
+        pad_token_id=EOT,
+        bos_token_id=EOT,
+    ).eval()
     mel = torch.from_numpy(random_mel(shape, args.batch)).to(device).transpose(1, 2).contiguous().to(dtype)
     prompt = torch.tensor([SOT_SEQUENCE] * args.batch, device=device)
     produced = []
 
     @torch.no_grad()
     def run_decode():
-        out = model.generate(input_features=mel, decoder_input_ids=prompt, max_new_tokens=args.tokens,
-                             min_new_tokens=args.tokens, do_sample=False, num_beams=1)
+        out = model.generate(
+            input_features=mel,
+            decoder_input_ids=prompt,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            do_sample=False,
+            num_beams=1,
+        )
         sync()
         produced.append(out.shape[-1])
 
@@ -132,10 +152,15 @@ def torch_worker(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     run_decode()
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "encoder": summary(encoder),
-            "generate (encoder + decode)": summary(generate), "tokens": produced[-1],
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "encoder": summary(encoder),
+        "generate (encoder + decode)": summary(generate),
+        "tokens": produced[-1],
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+    }
 
 
 def derived(result: dict, size: str, batch: int, tokens: int) -> dict:
@@ -160,13 +185,35 @@ def table(rows: list) -> str:
     body = []
     for r in rows:
         ok = "ms_per_token" in r
-        body.append([r["size"], r["batch"], r["framework"],
-                     f"{1e3 * r['encoder']['median_s']:.1f}" if ok else "–",
-                     f"{r['encoder_tflops']:.0f}" if ok else "–", f"{r['ms_per_token']:.2f}" if ok else "–",
-                     r.get("tokens", "–"), f"{r['total_s']:.3f}" if ok else "–",
-                     f"{r['real_time_factor']:.4f}" if ok else "–", (r.get("error") or r.get("skipped") or "")[:80]])
-    return markdown_table(["size", "batch", "framework", "encoder ms", "encoder TFLOP/s", "decode ms/token",
-                           "tokens", "encoder + decode s", "RTF (per 30 s window)", "note"], body)
+        body.append(
+            [
+                r["size"],
+                r["batch"],
+                r["framework"],
+                f"{1e3 * r['encoder']['median_s']:.1f}" if ok else "–",
+                f"{r['encoder_tflops']:.0f}" if ok else "–",
+                f"{r['ms_per_token']:.2f}" if ok else "–",
+                r.get("tokens", "–"),
+                f"{r['total_s']:.3f}" if ok else "–",
+                f"{r['real_time_factor']:.4f}" if ok else "–",
+                (r.get("error") or r.get("skipped") or "")[:80],
+            ]
+        )
+    return markdown_table(
+        [
+            "size",
+            "batch",
+            "framework",
+            "encoder ms",
+            "encoder TFLOP/s",
+            "decode ms/token",
+            "tokens",
+            "encoder + decode s",
+            "RTF (per 30 s window)",
+            "note",
+        ],
+        body,
+    )
 
 
 def main() -> int:
@@ -182,9 +229,24 @@ def main() -> int:
                     rows.append(dict(row, skipped="deadline reached"))
                     continue
                 python = sys.executable if framework == "mlx" else args.torch_python
-                cmd = [python, str(Path(__file__).resolve()), "--worker", framework, "--size", size,
-                       "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype,
-                       "--warmup", str(args.warmup), "--runs", str(args.runs)] + ["--smoke"] * args.smoke
+                cmd = [
+                    python,
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    framework,
+                    "--size",
+                    size,
+                    "--batch",
+                    str(batch),
+                    "--tokens",
+                    str(args.tokens),
+                    "--dtype",
+                    args.dtype,
+                    "--warmup",
+                    str(args.warmup),
+                    "--runs",
+                    str(args.runs),
+                ] + ["--smoke"] * args.smoke
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(derived(dict(row, **result), size, batch, args.tokens))
                 write_results(folder, args.name, {"args": vars(args), "rows": rows}, table(rows))

@@ -42,8 +42,10 @@ def detect(model, paths, batch_size: int):
 
     probs = []
     for first in range(0, len(paths), batch_size):
-        mels = [MelWindows(ArraySource(load_audio(p)), model.dims.n_mels).window(0)
-                for p in paths[first : first + batch_size]]
+        mels = [
+            MelWindows(ArraySource(load_audio(p)), model.dims.n_mels).window(0)
+            for p in paths[first : first + batch_size]
+        ]
         probs += detect_language(model, mx.array(np.stack(mels)))[1]
     return probs
 
@@ -69,8 +71,11 @@ def main() -> int:
         rank = np.mean([sorted(p.values(), reverse=True).index(p[t]) + 1 for p, t in zip(probs, truth)])
         wrong = Counter(g for g, t in zip(guesses, truth) if g != t).most_common(4)
         others = ", ".join(f"{code} x{n}" for code, n in wrong) or "-"
-        print(f"{language:<9}{len(items):>6}{accuracy:>10.1%}{p_true:>9.3f}{rank:>6.1f}  {others}"
-              f"   ({time.perf_counter() - tic:.0f} s)", flush=True)
+        print(
+            f"{language:<9}{len(items):>6}{accuracy:>10.1%}{p_true:>9.3f}{rank:>6.1f}  {others}"
+            f"   ({time.perf_counter() - tic:.0f} s)",
+            flush=True,
+        )
     return 0
 
 

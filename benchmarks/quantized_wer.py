@@ -37,11 +37,14 @@ def folder_size(folder: Path) -> int:
 
 def evaluate(model, rows, data: Path, language: str, batch_size: int) -> dict:
     tic = time.time()
-    results = transcribe_batch(model, [str(data / r["file_name"]) for r in rows],
-                               DecodingOptions(language=language, without_timestamps=True), batch_size)
+    results = transcribe_batch(
+        model,
+        [str(data / r["file_name"]) for r in rows],
+        DecodingOptions(language=language, without_timestamps=True),
+        batch_size,
+    )
     hyps, refs = [r["text"] for r in results], [r["transcription"] for r in rows]
-    return {"wer": wer(refs, hyps), "cer": cer(refs, hyps), "seconds": round(time.time() - tic, 1),
-            "hyps": hyps}
+    return {"wer": wer(refs, hyps), "cer": cer(refs, hyps), "seconds": round(time.time() - tic, 1), "hyps": hyps}
 
 
 def main() -> int:
@@ -55,8 +58,12 @@ def main() -> int:
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N clips only (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["float16", "float32"], default=None,
-                   help="compute dtype (default: float16 on a GPU, float32 on the CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default=None,
+        help="compute dtype (default: float16 on a GPU, float32 on the CPU)",
+    )
     p.add_argument("--dequantized", action="store_true", help="compute with dequantized weights (CPU)")
     p.add_argument("--output", default=None)
     args = p.parse_args()
@@ -64,22 +71,39 @@ def main() -> int:
     data, work = Path(args.data), Path(args.work)
     with open(data / "metadata.csv", newline="", encoding="utf-8") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: r["file_name"])[: args.limit]
-    report = {"device": str(mx.default_device()), "dtype": str(dtype), "clips": len(rows),
-              "dequantized": args.dequantized, "variants": {}}
+    report = {
+        "device": str(mx.default_device()),
+        "dtype": str(dtype),
+        "clips": len(rows),
+        "dequantized": args.dequantized,
+        "variants": {},
+    }
     for name in args.variants.split(","):
         if name == "base":
             model, size = load_model(args.model, dtype), None
         else:
             folder = work / name
-            run(FuseConfig(args.model, args.adapter_path, str(folder), force=True,
-                           q_group_size=args.q_group_size, **VARIANTS[name]), log=lambda *_: None)
+            run(
+                FuseConfig(
+                    args.model,
+                    args.adapter_path,
+                    str(folder),
+                    force=True,
+                    q_group_size=args.q_group_size,
+                    **VARIANTS[name],
+                ),
+                log=lambda *_: None,
+            )
             model, size = load_model(str(folder), dtype), folder_size(folder)
             if args.dequantized and quantization_of(model) is not None:
                 dequantize_model(model)
         result = {"size_bytes": size, **evaluate(model, rows, data, args.language, args.batch_size)}
         report["variants"][name] = result
-        print(f"{name}: WER {100 * result['wer']:.2f}%, CER {100 * result['cer']:.2f}%, "
-              f"size {size and round(size / 2**20, 1)} MiB, {result['seconds']} s", flush=True)
+        print(
+            f"{name}: WER {100 * result['wer']:.2f}%, CER {100 * result['cer']:.2f}%, "
+            f"size {size and round(size / 2**20, 1)} MiB, {result['seconds']} s",
+            flush=True,
+        )
     text = json.dumps(report, indent=1, ensure_ascii=False)
     if args.output is not None:
         Path(args.output).write_text(text + "\n", encoding="utf-8")

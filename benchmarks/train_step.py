@@ -18,8 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops
-
 from common import (
     fmt,
     markdown_table,
@@ -33,6 +31,7 @@ from common import (
     worker_main,
     write_results,
 )
+from flops import DEFAULT_TARGETS, H100_BF16_DENSE, SHAPES, lora_step_flops
 
 # mlx-unfused: our step without the query padding that keeps attention's backward on cuDNN's fused
 # kernel (models/kernels.py, cudnn_query_padding): MLX's unfused backward, the A/B.
@@ -46,18 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="8,32")
     p.add_argument("--frameworks", default="mlx,torch-sdpa", help="comma list of " + ",".join(FRAMEWORKS))
     p.add_argument("--tokens", type=int, default=64, help="target tokens per clip")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="base weights (float32 for CPU smoke runs: MLX's CPU bfloat16 matmul is slow)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="base weights (float32 for CPU smoke runs: MLX's CPU bfloat16 matmul is slow)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--stages", action="store_true", help="also time forward-only and uncompiled stages")
     p.add_argument("--stage-steps", type=int, default=5)
-    p.add_argument("--kernels", action="store_true",
-                   help="MLX: GPU time per kernel over --stage-steps steps (needs torch, for its CUDA profiler)")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="MLX: GPU time per kernel over --stage-steps steps (needs torch, for its CUDA profiler)",
+    )
     p.add_argument("--torch-python", default=sys.executable, help="interpreter with torch/transformers/peft")
     p.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
-    p.add_argument("--deadline", type=float, default=None,
-                   help="Unix time: start no configuration within 30 s of it, and stop a running one there")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="Unix time: start no configuration within 30 s of it, and stop a running one there",
+    )
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="for MFU (H100 SXM bf16 dense)")
     p.add_argument("--smoke", action="store_true", help="allow CPU and skip PyTorch when it is not installed")
     p.add_argument("--out-dir", default=None, help="default: $OUT when set")
@@ -107,12 +117,19 @@ def mlx_worker(args) -> dict:
     mx.eval(model.parameters())
     model.train()
     tokenizer = get_tokenizer(True, num_languages=shape.n_vocab - 51765 - 1)
-    trainer = Trainer(model, tokenizer, TrainingArgs(batch_size=args.batch, learning_rate=LEARNING_RATE),
-                      log=lambda *a, **k: None)
+    trainer = Trainer(
+        model, tokenizer, TrainingArgs(batch_size=args.batch, learning_rate=LEARNING_RATE), log=lambda *a, **k: None
+    )
     mel, inputs, targets = random_batch_numpy(shape, args.batch, args.tokens)
     mask = mx.ones(inputs.shape, dtype=mx.float32)
-    batch = Batch(mel=mx.array(mel), inputs=mx.array(inputs), targets=mx.array(targets), mask=mask,
-                  n_tokens=int(mask.size), sources=[])
+    batch = Batch(
+        mel=mx.array(mel),
+        inputs=mx.array(inputs),
+        targets=mx.array(targets),
+        mask=mask,
+        n_tokens=int(mask.size),
+        sources=[],
+    )
     mx.eval(batch.mel, batch.inputs, batch.targets, batch.mask)
     weights_gb = mx.get_active_memory() / 1e9
 
@@ -123,8 +140,13 @@ def mlx_worker(args) -> dict:
 
     mx.reset_peak_memory()
     times = time_calls(step, args.warmup, args.steps)
-    result = {"device": device, "mlx": mx.__version__, "weights_gb": weights_gb,
-              "peak_gb": mx.get_peak_memory() / 1e9, "step": summary(times)}
+    result = {
+        "device": device,
+        "mlx": mx.__version__,
+        "weights_gb": weights_gb,
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "step": summary(times),
+    }
     if args.stages:
         result["stages"] = mlx_stages(args, model, trainer, batch, loss_fn, nn)
     if args.kernels:
@@ -149,8 +171,9 @@ def kernel_profile(step, steps: int, step_s: float, top: int = 30) -> dict:
     for event in prof.key_averages():
         total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if total_us:
-            kernels.append({"name": event.key[:120], "ms_per_step": total_us / 1e3 / steps,
-                            "calls_per_step": event.count / steps})
+            kernels.append(
+                {"name": event.key[:120], "ms_per_step": total_us / 1e3 / steps, "calls_per_step": event.count / steps}
+            )
     kernels.sort(key=lambda k: -k["ms_per_step"])
     busy_ms = sum(k["ms_per_step"] for k in kernels)
     return {"busy_ms_per_step": busy_ms, "step_ms": 1e3 * step_s, "top": kernels[:top]}
@@ -189,8 +212,12 @@ def mlx_stages(args, model, trainer, batch, loss_fn, nn) -> dict:
             out[name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
             continue
         out[name] = dict(summary(times), peak_gb=mx.get_peak_memory() / 1e9)
-        print(f"  mlx {args.size} b{args.batch} {name}: {1e3 * out[name]['median_s']:.1f} ms, "
-              f"peak {out[name]['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+        print(
+            f"  mlx {args.size} b{args.batch} {name}: {1e3 * out[name]['median_s']:.1f} ms, "
+            f"peak {out[name]['peak_gb']:.2f} GB",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -234,10 +261,17 @@ def torch_worker(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = time_calls(step, args.warmup, args.steps)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "transformers": transformers.__version__, "peft": peft.__version__, "attn": attn,
-              "lora_dtype": str(trainable[0].dtype), "weights_gb": weights_gb,
-              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None, "step": summary(times)}
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "attn": attn,
+        "lora_dtype": str(trainable[0].dtype),
+        "weights_gb": weights_gb,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "step": summary(times),
+    }
     if args.stages:
         encoder = model.get_base_model().model.encoder
         stages = {"encoder_forward": lambda: encoder(mel), "forward": loss_of_batch}
@@ -251,8 +285,9 @@ def torch_worker(args) -> dict:
             except Exception as error:  # out of memory in one stage keeps the others
                 result["stages"][name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                 continue
-            result["stages"][name] = dict(summary(times),
-                                          peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None)
+            result["stages"][name] = dict(
+                summary(times), peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+            )
     return result
 
 
@@ -262,11 +297,19 @@ def add_rates(result: dict, size: str, batch: int, tokens: int, peak_tflops: flo
         return result
     flops = lora_step_flops(SHAPES[size], batch, tokens)
     seconds = result["step"]["median_s"]
-    result.update(samples_per_s=batch / seconds, tokens_per_s=batch * tokens / seconds,
-                  step_tflop=flops["total"] / 1e12, tflops=flops["total"] / seconds / 1e12,
-                  mfu=flops["total"] / seconds / (peak_tflops * 1e12))
-    stage_flops = {"encoder_forward": flops["encoder_forward"], "forward": flops["forward"],
-                   "decoder_forward": flops["decoder_forward"], "forward_backward": flops["total"]}
+    result.update(
+        samples_per_s=batch / seconds,
+        tokens_per_s=batch * tokens / seconds,
+        step_tflop=flops["total"] / 1e12,
+        tflops=flops["total"] / seconds / 1e12,
+        mfu=flops["total"] / seconds / (peak_tflops * 1e12),
+    )
+    stage_flops = {
+        "encoder_forward": flops["encoder_forward"],
+        "forward": flops["forward"],
+        "decoder_forward": flops["decoder_forward"],
+        "forward_backward": flops["total"],
+    }
     for name, stage in result.get("stages", {}).items():
         if name in stage_flops and "median_s" in stage:
             stage["tflops"] = stage_flops[name] / stage["median_s"] / 1e12
@@ -290,9 +333,26 @@ def run_all(args, save) -> list:
                     rows.append(dict(row, skipped="deadline reached"))
                     continue
                 python = sys.executable if framework.startswith("mlx") else args.torch_python
-                cmd = [python, str(Path(__file__).resolve()), "--worker", framework, "--size", size,
-                       "--batch", str(batch), "--tokens", str(args.tokens), "--dtype", args.dtype,
-                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--stage-steps", str(args.stage_steps)]
+                cmd = [
+                    python,
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    framework,
+                    "--size",
+                    size,
+                    "--batch",
+                    str(batch),
+                    "--tokens",
+                    str(args.tokens),
+                    "--dtype",
+                    args.dtype,
+                    "--warmup",
+                    str(args.warmup),
+                    "--steps",
+                    str(args.steps),
+                    "--stage-steps",
+                    str(args.stage_steps),
+                ]
                 cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke + ["--kernels"] * args.kernels
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(add_rates(dict(row, **result), size, batch, args.tokens, args.peak_tflops))
@@ -304,8 +364,10 @@ def run_all(args, save) -> list:
 def one_line(row: dict) -> str:
     if "samples_per_s" not in row:
         return row.get("error") or row.get("skipped") or "no result"
-    return (f"{row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
-            f"peak {fmt(row.get('peak_gb'), '.2f')} GB, {row['tflops']:.3g} TFLOP/s, MFU {100 * row['mfu']:.1f}%")
+    return (
+        f"{row['samples_per_s']:.2f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
+        f"peak {fmt(row.get('peak_gb'), '.2f')} GB, {row['tflops']:.3g} TFLOP/s, MFU {100 * row['mfu']:.1f}%"
+    )
 
 
 STAGES = ["encoder_forward", "decoder_forward", "forward", "forward_backward", "step_uncompiled"]
@@ -321,22 +383,55 @@ def _stage_cell(stage: Optional[dict]) -> str:
 
 
 def tables(rows: list, peak_tflops: float) -> str:
-    main = [[r["size"], r["batch"], r["framework"], fmt(r.get("samples_per_s"), ".2f"),
-             fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("peak_gb"), ".2f"),
-             fmt(1e3 * r["step"]["median_s"] if "step" in r else None, ".1f"), fmt(r.get("tflops"), ".3g"),
-             fmt(100 * r["mfu"] if "mfu" in r else None, ".1f"),
-             (r.get("error") or r.get("skipped") or "")[:80]] for r in rows]
-    text = markdown_table(["size", "batch", "framework", "samples/s", "target tokens/s", "peak GB", "step ms",
-                           "TFLOP/s", f"MFU % (of {peak_tflops:.0f})", "note"], main)
+    main = [
+        [
+            r["size"],
+            r["batch"],
+            r["framework"],
+            fmt(r.get("samples_per_s"), ".2f"),
+            fmt(r.get("tokens_per_s"), ".0f"),
+            fmt(r.get("peak_gb"), ".2f"),
+            fmt(1e3 * r["step"]["median_s"] if "step" in r else None, ".1f"),
+            fmt(r.get("tflops"), ".3g"),
+            fmt(100 * r["mfu"] if "mfu" in r else None, ".1f"),
+            (r.get("error") or r.get("skipped") or "")[:80],
+        ]
+        for r in rows
+    ]
+    text = markdown_table(
+        [
+            "size",
+            "batch",
+            "framework",
+            "samples/s",
+            "target tokens/s",
+            "peak GB",
+            "step ms",
+            "TFLOP/s",
+            f"MFU % (of {peak_tflops:.0f})",
+            "note",
+        ],
+        main,
+    )
     for r in rows:
         kernels = r.get("kernels", {})
         if kernels.get("top"):
-            text += (f"\n\nGPU kernels, {r['framework']} {r['size']} batch {r['batch']}: busy "
-                     f"{kernels['busy_ms_per_step']:.1f} ms of a {kernels['step_ms']:.1f} ms step (profiled)\n\n")
-            text += markdown_table(["kernel", "ms per step", "share of busy", "calls per step"], [
-                [k["name"][:70], f"{k['ms_per_step']:.2f}",
-                 f"{100 * k['ms_per_step'] / kernels['busy_ms_per_step']:.1f}%", f"{k['calls_per_step']:.0f}"]
-                for k in kernels["top"][:15]])
+            text += (
+                f"\n\nGPU kernels, {r['framework']} {r['size']} batch {r['batch']}: busy "
+                f"{kernels['busy_ms_per_step']:.1f} ms of a {kernels['step_ms']:.1f} ms step (profiled)\n\n"
+            )
+            text += markdown_table(
+                ["kernel", "ms per step", "share of busy", "calls per step"],
+                [
+                    [
+                        k["name"][:70],
+                        f"{k['ms_per_step']:.2f}",
+                        f"{100 * k['ms_per_step'] / kernels['busy_ms_per_step']:.1f}%",
+                        f"{k['calls_per_step']:.0f}",
+                    ]
+                    for k in kernels["top"][:15]
+                ],
+            )
     staged = [r for r in rows if r.get("stages") and "step" in r]
     if not staged:
         return text
@@ -344,12 +439,23 @@ def tables(rows: list, peak_tflops: float) -> str:
     for r in staged:
         forward = r["stages"].get("forward", {})
         backward = r["step"]["median_s"] - forward["median_s"] if "median_s" in forward else None
-        stage_rows.append([r["size"], r["batch"], r["framework"], *(_stage_cell(r["stages"].get(n)) for n in STAGES),
-                           f"{1e3 * r['step']['median_s']:.1f}", fmt(1e3 * backward if backward else None, ".1f")])
-    text += ("\n\nStages, ms (peak GB, TFLOP/s): forward-only stages run without gradients; "
-             "backward+update = step - forward\n\n")
-    return text + markdown_table(["size", "batch", "framework", *STAGES, "step (MLX: compiled)",
-                                  "backward+update"], stage_rows)
+        stage_rows.append(
+            [
+                r["size"],
+                r["batch"],
+                r["framework"],
+                *(_stage_cell(r["stages"].get(n)) for n in STAGES),
+                f"{1e3 * r['step']['median_s']:.1f}",
+                fmt(1e3 * backward if backward else None, ".1f"),
+            ]
+        )
+    text += (
+        "\n\nStages, ms (peak GB, TFLOP/s): forward-only stages run without gradients; "
+        "backward+update = step - forward\n\n"
+    )
+    return text + markdown_table(
+        ["size", "batch", "framework", *STAGES, "step (MLX: compiled)", "backward+update"], stage_rows
+    )
 
 
 def main() -> int:
@@ -359,8 +465,11 @@ def main() -> int:
     folder = out_dir(args.out_dir)
 
     def save(rows):
-        payload = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "batch")},
-                   "flop_formula": "benchmarks/flops.py lora_step_flops", "rows": rows}
+        payload = {
+            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "batch")},
+            "flop_formula": "benchmarks/flops.py lora_step_flops",
+            "rows": rows,
+        }
         write_results(folder, args.name, payload, tables(rows, args.peak_tflops))
 
     rows = run_all(args, save)

@@ -36,12 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fw-python", default="/tmp/fw-venv/bin/python", help="interpreter with faster-whisper")
     p.add_argument("--fw-model", default="/tmp/fw-base-ct2", help="CTranslate2 whisper-base folder")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fw-omp-wait-policy", choices=["default", "passive"], default="default",
-                   help="passive: faster-whisper's OpenMP threads sleep instead of spinning; on a shared, busy "
-                        "CPU the spinning made it 2-4x slower")
+    p.add_argument(
+        "--fw-omp-wait-policy",
+        choices=["default", "passive"],
+        default="default",
+        help="passive: faster-whisper's OpenMP threads sleep instead of spinning; on a shared, busy "
+        "CPU the spinning made it 2-4x slower",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed runs per side and round, after one warm-up")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="alternate faster-whisper and ours this many times (a shared CPU's load hits both)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternate faster-whisper and ours this many times (a shared CPU's load hits both)",
+    )
     p.add_argument("--without-timestamps", action="store_true")
     p.add_argument("--decode-only", action="store_true", help="time decoding.decode on the window, not transcribe()")
     p.add_argument("--skip-fw", action="store_true")
@@ -125,10 +133,11 @@ def ours_runner(args, audio):
 
         def run():
             return transcribe_module.transcribe(
-                model, audio, language="en", temperature=0.0, beam_size=None,
-                without_timestamps=args.without_timestamps)["text"]
+                model, audio, language="en", temperature=0.0, beam_size=None, without_timestamps=args.without_timestamps
+            )["text"]
 
         return run, timer, "models.inference.transcribe.transcribe"
+
     def run():
         tic = time.perf_counter()
         mel = audio_module.clip_features(audio, model.dims.n_mels)  # the one 30 s window, as transcribe() makes it
@@ -159,8 +168,14 @@ def ours_summary(path: str, text: str, runs: list) -> dict:
     totals = [total for total, _, _ in runs]
     total, seconds, calls = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run's stages
     seconds["other (tokenizer, segments, glue)"] = total - sum(seconds.values())
-    return {"path": path, "text": text, "total": summary(totals), "stages_s": seconds, "calls": calls,
-            "windows": calls.get("decode: prompt step", 0)}
+    return {
+        "path": path,
+        "text": text,
+        "total": summary(totals),
+        "stages_s": seconds,
+        "calls": calls,
+        "windows": calls.get("decode: prompt step", 0),
+    }
 
 
 # ----------------------------------------------------------------------------- faster-whisper
@@ -173,12 +188,23 @@ def fw_worker(args) -> dict:
     model = WhisperModel(args.fw_model, device="cpu", compute_type="float32", cpu_threads=args.threads)
 
     def run():
-        segments, _ = model.transcribe(audio, language="en", beam_size=1, temperature=0.0, vad_filter=False,
-                                       without_timestamps=args.without_timestamps, word_timestamps=False,
-                                       condition_on_previous_text=True)
+        segments, _ = model.transcribe(
+            audio,
+            language="en",
+            beam_size=1,
+            temperature=0.0,
+            vad_filter=False,
+            without_timestamps=args.without_timestamps,
+            word_timestamps=False,
+            condition_on_previous_text=True,
+        )
         segments = list(segments)
-        return (" ".join(s.text.strip() for s in segments), sum(len(s.tokens) for s in segments), len(segments),
-                len({s.seek for s in segments}))
+        return (
+            " ".join(s.text.strip() for s in segments),
+            sum(len(s.tokens) for s in segments),
+            len(segments),
+            len({s.seek for s in segments}),
+        )
 
     text, n_tokens, n_segments, n_windows = run()  # warm-up
     totals = []
@@ -197,15 +223,34 @@ def fw_worker(args) -> dict:
         tic = time.perf_counter()
         model.encode(window)
         encode_times.append(time.perf_counter() - tic)
-    return {"version": faster_whisper.__version__, "text": text, "tokens": n_tokens, "segments": n_segments,
-            "windows": n_windows, "totals": totals, "total": summary(totals),
-            "stages_s": {"mel": mel_s, "encoder": statistics.median(encode_times)}}
+    return {
+        "version": faster_whisper.__version__,
+        "text": text,
+        "tokens": n_tokens,
+        "segments": n_segments,
+        "windows": n_windows,
+        "totals": totals,
+        "total": summary(totals),
+        "stages_s": {"mel": mel_s, "encoder": statistics.median(encode_times)},
+    }
 
 
 # ----------------------------------------------------------------------------- report
 def run_fw(args, audio_path: Path) -> dict:
-    cmd = [args.fw_python, str(Path(__file__).resolve()), "--worker", "faster-whisper", "--audio", str(audio_path),
-           "--fw-model", args.fw_model, "--threads", str(args.threads), "--runs", str(args.runs)]
+    cmd = [
+        args.fw_python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "faster-whisper",
+        "--audio",
+        str(audio_path),
+        "--fw-model",
+        args.fw_model,
+        "--threads",
+        str(args.threads),
+        "--runs",
+        str(args.runs),
+    ]
     env = {"OMP_NUM_THREADS": str(args.threads)}
     if args.fw_omp_wait_policy == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -223,23 +268,44 @@ def merge_fw(rounds: list) -> dict:
 
 
 def report(ours: dict, fw: dict, ratios: list, clip_s: float) -> str:
-    rows = [["ours (MLX, float32, OpenBLAS)", f"{ours['total']['median_s']:.3f}",
-             f"{ours['total']['median_s'] / clip_s:.3f}", f"{ours['windows']} windows; {ours['path']}"]]
+    rows = [
+        [
+            "ours (MLX, float32, OpenBLAS)",
+            f"{ours['total']['median_s']:.3f}",
+            f"{ours['total']['median_s'] / clip_s:.3f}",
+            f"{ours['windows']} windows; {ours['path']}",
+        ]
+    ]
     if "total" in fw:
-        rows.append([f"faster-whisper {fw['version']} (CT2 float32)", f"{fw['total']['median_s']:.3f}",
-                     f"{fw['total']['median_s'] / clip_s:.3f}", f"{fw['windows']} windows, {fw['segments']} segments"])
+        rows.append(
+            [
+                f"faster-whisper {fw['version']} (CT2 float32)",
+                f"{fw['total']['median_s']:.3f}",
+                f"{fw['total']['median_s'] / clip_s:.3f}",
+                f"{fw['windows']} windows, {fw['segments']} segments",
+            ]
+        )
     text = markdown_table(["implementation", "seconds (median)", "real-time factor", "note"], rows)
     if ratios:
-        text += (f"\n\nours / faster-whisper = {statistics.median(ratios):.2f}x (median over rounds: "
-                 f"{', '.join(f'{r:.2f}' for r in ratios)}; target <= 3x); "
-                 f"texts equal: {ours['text'] == fw['text']}")
-    stage_rows = [[name, f"{1e3 * sec:.1f}", ours["calls"].get(name, ""),
-                   f"{1e3 * sec / ours['calls'][name]:.2f}" if ours["calls"].get(name) else ""]
-                  for name, sec in ours["stages_s"].items()]
+        text += (
+            f"\n\nours / faster-whisper = {statistics.median(ratios):.2f}x (median over rounds: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}; target <= 3x); "
+            f"texts equal: {ours['text'] == fw['text']}"
+        )
+    stage_rows = [
+        [
+            name,
+            f"{1e3 * sec:.1f}",
+            ours["calls"].get(name, ""),
+            f"{1e3 * sec / ours['calls'][name]:.2f}" if ours["calls"].get(name) else "",
+        ]
+        for name, sec in ours["stages_s"].items()
+    ]
     text += "\n\nOur stages (the median run):\n\n" + markdown_table(["stage", "ms", "calls", "ms per call"], stage_rows)
     if "stages_s" in fw:
         text += "\n\nfaster-whisper stages (timed apart): " + ", ".join(
-            f"{k} {1e3 * v:.1f} ms" for k, v in fw["stages_s"].items())
+            f"{k} {1e3 * v:.1f} ms" for k, v in fw["stages_s"].items()
+        )
     return text
 
 
@@ -270,14 +336,23 @@ def main() -> int:
     ours = ours_summary(path, text, ours_runs)
     fw = merge_fw(fw_rounds) if fw_rounds else {"skipped": "--skip-fw"}
     text = report(ours, fw, ratios, len(audio) / 16000)
-    text += (f"\n\nLoad average (1/5/15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-             f"faster-whisper OpenMP wait policy: {args.fw_omp_wait_policy}; {args.rounds} rounds x {args.runs} runs.")
+    text += (
+        f"\n\nLoad average (1/5/15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+        f"faster-whisper OpenMP wait policy: {args.fw_omp_wait_policy}; {args.rounds} rounds x {args.runs} runs."
+    )
     clip = {"seconds": len(audio) / 16000, "files": names, "gap_s": GAP_SECONDS}
-    payload = {"code_root": args.code_root, "clip": clip,
-               "threads": args.threads, "fw_omp_wait_policy": args.fw_omp_wait_policy,
-               "load_average": os.getloadavg(), "without_timestamps": args.without_timestamps,
-               "rounds": args.rounds,
-               "ours": ours, "faster_whisper": fw, "ratios_per_round": ratios}
+    payload = {
+        "code_root": args.code_root,
+        "clip": clip,
+        "threads": args.threads,
+        "fw_omp_wait_policy": args.fw_omp_wait_policy,
+        "load_average": os.getloadavg(),
+        "without_timestamps": args.without_timestamps,
+        "rounds": args.rounds,
+        "ours": ours,
+        "faster_whisper": fw,
+        "ratios_per_round": ratios,
+    }
     write_results(out_dir(args.out_dir), args.name, payload, text)
     print(f"clip: {len(names)} en-read files, {len(audio) / 16000:.1f} s; ours: {ours['text']!r}")
     print(f"faster-whisper: {fw.get('text', fw)!r}\n")

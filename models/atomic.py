@@ -20,8 +20,11 @@ def _disk_full_names(path: Path):
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise OSError(error.errno, f"disk full: could not save {path} ({error.strerror}); the previous "
-                                   f"{path.name}, if any, is unchanged. Free some space and try again") from error
+        raise OSError(
+            error.errno,
+            f"disk full: could not save {path} ({error.strerror}); the previous "
+            f"{path.name}, if any, is unchanged. Free some space and try again",
+        ) from error
 
 
 def _umask() -> int:

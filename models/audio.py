@@ -44,8 +44,10 @@ def load_audio(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> np.ndarr
             raise AudioError(f"{name}: the file is empty")
     missing = _wav_bytes_missing(file)
     if missing:
-        raise AudioError(f"{name}: truncated WAV file: its header announces {missing} more bytes of audio than "
-                         f"the file holds; re-export it or leave it out")
+        raise AudioError(
+            f"{name}: truncated WAV file: its header announces {missing} more bytes of audio than "
+            f"the file holds; re-export it or leave it out"
+        )
     try:
         sound = _open_soundfile(file)
     except Exception as soundfile_error:  # a format soundfile does not know; ffmpeg may still cope
@@ -252,8 +254,6 @@ class MelWindows:
         return power @ mel_filters(self.n_mels).T
 
 
-
-
 def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
     """Whisper's log-mel features of all of 16 kHz mono `audio`: (n_samples // HOP_LENGTH, n_mels).
 
@@ -261,8 +261,12 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     """
     audio = np.asarray(audio, dtype=np.float32)
     windows = MelWindows(ArraySource(np.pad(audio, (0, padding)) if padding > 0 else audio), n_mels)
-    return np.concatenate([windows.window(seek)[: windows.content_frames - seek]
-                           for seek in range(0, max(windows.content_frames, 1), N_FRAMES)])
+    return np.concatenate(
+        [
+            windows.window(seek)[: windows.content_frames - seek]
+            for seek in range(0, max(windows.content_frames, 1), N_FRAMES)
+        ]
+    )
 
 
 def clip_features(audio: np.ndarray, n_mels: int = 80, pad_audio: bool = False) -> np.ndarray:

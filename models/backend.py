@@ -46,8 +46,10 @@ def compute_dtype(name, training: bool) -> mx.Dtype:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
         if name != "float32" and on_cpu():
             # MLX's CPU kernels compute half precision slowly, and Whisper's decoder goes wrong in float16.
-            raise ValueError(f"--dtype {name} on the CPU gives wrong text or takes far longer; the CPU computes "
-                             f"in float32 (leave --dtype out)")
+            raise ValueError(
+                f"--dtype {name} on the CPU gives wrong text or takes far longer; the CPU computes "
+                f"in float32 (leave --dtype out)"
+            )
         return getattr(mx, name)
     if on_cpu():
         return mx.float32

@@ -23,10 +23,22 @@ CUDNN_BLOCK = 128  # query-length multiple for cuDNN's fused attention backward 
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (Eigen's float erf, max error 4e-7): MLX's CPU erf goes
 # through its slow exp (benchmarks/README.md, CPU transcription).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)
+_ERF_P = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)
+_ERF_Q = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)
 
 
 def erf_cpu(z: mx.array) -> mx.array:
@@ -165,8 +177,9 @@ def cudnn_query_padding(t_q: int, dtype: mx.Dtype, mask, training: bool) -> int:
     return -t_q % CUDNN_BLOCK
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[None, str, mx.array] = None,
-              training: bool = False) -> mx.array:
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[None, str, mx.array] = None, training: bool = False
+) -> mx.array:
     """softmax(q k^T * scale + mask) v for (batch, heads, T, d_head) arrays; `mask` may be "causal"."""
     t_q = q.shape[2]
     if mask is None and t_q >= 64 and on_cpu():
@@ -184,8 +197,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[N
     return out
 
 
-def attention_with_weights(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                           mask: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+def attention_with_weights(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[mx.array] = None
+) -> Tuple[mx.array, mx.array]:
     """`attention` and its pre-softmax scores (float32), for the alignment heads of word timestamps."""
     qk = (q * scale) @ k.transpose(0, 1, 3, 2)
     if mask is not None:

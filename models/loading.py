@@ -44,10 +44,15 @@ HF_PREFIX = "model."
 # transformers tensors with no counterpart here: the tied output projection, the sinusoids.
 HF_ONLY = ("proj_out.weight", "encoder.embed_positions.weight")
 HF_CONFIG_KEYS = {
-    "num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
-    "encoder_attention_heads": "n_audio_head", "encoder_layers": "n_audio_layer",
-    "vocab_size": "n_vocab", "max_target_positions": "n_text_ctx",
-    "decoder_attention_heads": "n_text_head", "decoder_layers": "n_text_layer",
+    "num_mel_bins": "n_mels",
+    "max_source_positions": "n_audio_ctx",
+    "d_model": "n_audio_state",
+    "encoder_attention_heads": "n_audio_head",
+    "encoder_layers": "n_audio_layer",
+    "vocab_size": "n_vocab",
+    "max_target_positions": "n_text_ctx",
+    "decoder_attention_heads": "n_text_head",
+    "decoder_layers": "n_text_layer",
 }
 _CONV_WEIGHT = re.compile(r"encoder\.conv[12]\.weight$")
 
@@ -125,7 +130,7 @@ def hf_to_mlx_weights(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     """Rename transformers Whisper tensors to ours and move conv kernels to MLX layout."""
     renamed = {}
     for key, value in weights.items():
-        key = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+        key = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
         if key in HF_ONLY:
             continue
         key = _rename(key, to_ours=True)
@@ -157,8 +162,11 @@ def _read_weights(folder: Path) -> Dict[str, mx.array]:
             except Exception as error:
                 raise ModelLoadError(f"{path}: could not read weights ({error})") from None
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    hint = (f"; {', '.join(pickled)} not loaded: pickle-based files can run code when opened, "
-            f"convert them to safetensors" if pickled else "")
+    hint = (
+        f"; {', '.join(pickled)} not loaded: pickle-based files can run code when opened, convert them to safetensors"
+        if pickled
+        else ""
+    )
     raise ModelLoadError(f"{folder}: no weights file; expected one of {', '.join(_WEIGHT_FILES)}{hint}")
 
 
@@ -195,8 +203,12 @@ def load_model(path_or_repo: str, dtype: Optional[mx.Dtype] = mx.float32) -> Whi
     model = Whisper(dims, dtype)
     quantization = config.get("quantization")
     if quantization is not None:
-        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
-                    class_predicate=lambda path, module: f"{path}.scales" in weights)
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda path, module: f"{path}.scales" in weights,
+        )
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     check_weights(model, weights, str(folder))
     model.load_weights(list(weights.items()), strict=False)
@@ -221,5 +233,3 @@ def save_model(model: Whisper, folder: Path, extra_config: Optional[dict] = None
     """Write an MLX community folder (config.json + weights.safetensors) atomically as a whole."""
     with atomic_folder(folder, force) as staging:
         write_model_files(model, staging, extra_config)
-
-

@@ -41,8 +41,10 @@ def check_not_an_input(flag: str, output, inputs: Dict[str, Optional[str]]) -> N
             continue  # a Hub repo id, or nothing given: no local files to protect
         relation = _relation(out, _resolved(value))
         if relation is not None:
-            raise OutputPathError(f"{flag} {output} {relation} {input_flag} {value}: the output would overwrite "
-                                  f"an input; choose a {flag} outside it")
+            raise OutputPathError(
+                f"{flag} {output} {relation} {input_flag} {value}: the output would overwrite "
+                f"an input; choose a {flag} outside it"
+            )
 
 
 def foreign_files(folder: Path, ours: Iterable[str]) -> list:
@@ -51,8 +53,9 @@ def foreign_files(folder: Path, ours: Iterable[str]) -> list:
     found = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if path.is_dir() and any(Path(p).parts[0] == relative.parts[0] and len(Path(p).parts) > len(relative.parts)
-                                 for p in patterns):
+        if path.is_dir() and any(
+            Path(p).parts[0] == relative.parts[0] and len(Path(p).parts) > len(relative.parts) for p in patterns
+        ):
             continue  # a subfolder that our files live in
         if not any(relative.match(p) and len(relative.parts) == len(Path(p).parts) for p in patterns):
             found.append(str(relative))
@@ -69,5 +72,6 @@ def check_replaceable(flag: str, folder, ours: Iterable[str], what: str) -> None
     foreign = foreign_files(folder, ours)
     if foreign:
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise OutputPathError(f"{flag} {folder} holds files {what} did not write ({listed}); it is left as it is: "
-                              f"choose another {flag}")
+        raise OutputPathError(
+            f"{flag} {folder} holds files {what} did not write ({listed}); it is left as it is: choose another {flag}"
+        )

@@ -18,9 +18,18 @@ N_TIMESTAMPS = N_FRAMES // (N_SAMPLES_PER_TOKEN // HOP_LENGTH) + 1  # <|0.00|> .
 # Whisper language codes -> English names, in token order (the 100th, Cantonese, is large-v3's).
 LANGUAGES: Dict[str, str] = json.loads((_ASSETS / "languages.json").read_text(encoding="utf-8"))
 ALIASES = {
-    "burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
-    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
-    "castilian": "es", "mandarin": "zh",
+    "burmese": "my",
+    "valencian": "ca",
+    "flemish": "nl",
+    "haitian": "ht",
+    "letzeburgesch": "lb",
+    "pushto": "ps",
+    "panjabi": "pa",
+    "moldavian": "ro",
+    "moldovan": "ro",
+    "sinhalese": "si",
+    "castilian": "es",
+    "mandarin": "zh",
 }
 TO_LANGUAGE_CODE = {**{name: code for code, name in LANGUAGES.items()}, **ALIASES}
 # Languages written without spaces between words: word timestamps split them per character.

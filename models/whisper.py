@@ -107,9 +107,7 @@ class ResidualAttentionBlock(nn.Module):
         x = x + y
         cross_qk = None
         if hasattr(self, "cross_attn"):
-            y, cross_kv, cross_qk = self.cross_attn(
-                self.cross_attn_ln(x), xa, kv_cache=cross_kv, return_qk=return_qk
-            )
+            y, cross_kv, cross_qk = self.cross_attn(self.cross_attn_ln(x), xa, kv_cache=cross_kv, return_qk=return_qk)
             x = x + y
         x = x + self.mlp2(gelu(self.mlp1(self.mlp_ln(x))))
         return x, (self_kv, cross_kv), cross_qk

@@ -15,8 +15,18 @@ BASE_MODEL = SHARED / "models" / "whisper-base-mlx"
 
 def tiny_dims(**overrides) -> ModelDimensions:
     """A one-layer, 64-wide multilingual Whisper shape (30 s audio context); `overrides` change fields."""
-    dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
+    dims = dict(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=1,
+    )
     return ModelDimensions(**{**dims, **overrides})
 
 

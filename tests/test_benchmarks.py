@@ -2,25 +2,28 @@
 
 from argparse import Namespace
 
+import pytest
+
 import cpu_speedups
 import flops
 import gpu_transcribe
-import pytest
 import train_step
 import transcribe_speed
-
 from conftest import ROOT, tiny_whisper
 
 # 30 s of audio through a one-block model 64 wide: the real sequence lengths, tiny matrices.
 MICRO = flops.Shape(n_mels=80, n_state=64, n_head=2, n_layer=1, n_vocab=51865)
 
 
-@pytest.mark.parametrize("size, forward, backward", [
-    # torch.utils.flop_counter.FlopCounterMode on transformers' Whisper + PEFT (eager attention, batch 1,
-    # 64 tokens, LoRA r=8 on q_proj/v_proj), forward then loss.backward(): the same numbers exactly.
-    ("tiny", 44_928_516_096, 54_583_971_840),
-    ("base", 104_713_682_944, 126_162_550_784),
-])
+@pytest.mark.parametrize(
+    "size, forward, backward",
+    [
+        # torch.utils.flop_counter.FlopCounterMode on transformers' Whisper + PEFT (eager attention, batch 1,
+        # 64 tokens, LoRA r=8 on q_proj/v_proj), forward then loss.backward(): the same numbers exactly.
+        ("tiny", 44_928_516_096, 54_583_971_840),
+        ("base", 104_713_682_944, 126_162_550_784),
+    ],
+)
 def test_lora_step_flops_match_pytorch_flop_counter(size, forward, backward):
     counted = flops.lora_step_flops(flops.SHAPES[size], batch=1, n_tokens=64)
     assert counted["forward"] == forward
@@ -35,8 +38,19 @@ def test_encoder_flops_match_the_device_readme():
 
 def test_train_step_mlx_worker_times_a_step_and_its_stages(monkeypatch):
     monkeypatch.setitem(flops.SHAPES, "micro", MICRO)
-    args = Namespace(size="micro", batch=2, tokens=8, dtype="float32", warmup=1, steps=2, stages=True,
-                     stage_steps=1, smoke=True, worker="mlx", kernels=False)
+    args = Namespace(
+        size="micro",
+        batch=2,
+        tokens=8,
+        dtype="float32",
+        warmup=1,
+        steps=2,
+        stages=True,
+        stage_steps=1,
+        smoke=True,
+        worker="mlx",
+        kernels=False,
+    )
     result = train_step.mlx_worker(args)
     assert result["step"]["n"] == 2 and result["step"]["median_s"] > 0
     assert result["peak_gb"] > result["weights_gb"] > 0

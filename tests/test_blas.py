@@ -10,21 +10,31 @@ import pytest
 from conftest import ROOT
 from models.backend import NO_REEXEC_ENV, OPENBLAS, has_gpu
 
-CHILD = ("import json, os, sys; from models.backend import ensure_fast_blas; ensure_fast_blas(); "
-         "maps = open('/proc/self/maps').read(); "
-         "print(json.dumps([os.environ.get('LD_PRELOAD'), sys.argv[1:], "
-         "'openblas-pthread/libblas.so.3' in maps]))")
+CHILD = (
+    "import json, os, sys; from models.backend import ensure_fast_blas; ensure_fast_blas(); "
+    "maps = open('/proc/self/maps').read(); "
+    "print(json.dumps([os.environ.get('LD_PRELOAD'), sys.argv[1:], "
+    "'openblas-pthread/libblas.so.3' in maps]))"
+)
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not os.path.isfile(OPENBLAS) or has_gpu(),
-    reason=f"re-exec only happens on Linux CPU with {OPENBLAS} installed")
+    reason=f"re-exec only happens on Linux CPU with {OPENBLAS} installed",
+)
 
 
 def _run(**env_overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", NO_REEXEC_ENV)}
     env.update(env_overrides)
-    out = subprocess.run([sys.executable, "-c", CHILD, "a b", "--flag"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, "a b", "--flag"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return json.loads(out.stdout)
 
 

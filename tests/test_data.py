@@ -58,8 +58,11 @@ def make_features(lengths, n_mels=80):
     """Features with label sequences of the given lengths (ending in eot) and tiny random mels."""
     rng = np.random.default_rng(0)
     return [
-        batches.Features(rng.standard_normal((N_FRAMES, n_mels)).astype(np.float16),
-                      np.array(list(range(1, n)) + [50257], dtype=np.int32), f"row{i}")
+        batches.Features(
+            rng.standard_normal((N_FRAMES, n_mels)).astype(np.float16),
+            np.array(list(range(1, n)) + [50257], dtype=np.int32),
+            f"row{i}",
+        )
         for i, n in enumerate(lengths)
     ]
 
@@ -96,8 +99,10 @@ def test_jsonl_manifest_and_split_folder_aliases(tmp_path):
     for split, folder in (("train", "train"), ("validation", "dev")):
         (tmp_path / folder).mkdir()
         sf.write(tmp_path / folder / "a.flac", tone(0.2), SAMPLE_RATE)
-        rows = [{"audio": "a.flac", "text": f"{split} one", "locale": "sw"},
-                {"path": "a.flac", "normalized_text": f"{split} two"}]
+        rows = [
+            {"audio": "a.flac", "text": f"{split} one", "locale": "sw"},
+            {"path": "a.flac", "normalized_text": f"{split} two"},
+        ]
         (tmp_path / folder / "clips.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     splits = load_local_dataset(tmp_path)
     assert [e.text for e in splits["validation"]] == ["validation one", "validation two"]
@@ -142,15 +147,28 @@ def test_label_tokens_for_hello_in_english(tokenizer):
 
 
 def test_prepare_examples_drops_and_counts_each_reason(tmp_path, tokenizer):
-    write_csv_folder(tmp_path, [("ok.flac", "good clip", "en", 0.5), ("long.flac", "too long", "en", 31.0),
-                                ("gone.flac", "missing file", "en", None), ("empty.flac", " ", "en", 0.5),
-                                ("fr.flac", "unknown", "xx", 0.5), ("wordy.flac", "word " * 500, "en", 0.5)])
+    write_csv_folder(
+        tmp_path,
+        [
+            ("ok.flac", "good clip", "en", 0.5),
+            ("long.flac", "too long", "en", 31.0),
+            ("gone.flac", "missing file", "en", None),
+            ("empty.flac", " ", "en", 0.5),
+            ("fr.flac", "unknown", "xx", 0.5),
+            ("wordy.flac", "word " * 500, "en", 0.5),
+        ],
+    )
     (tmp_path / "broken.flac").write_bytes(b"not audio at all")
     examples = read_manifest(tmp_path) + [Example(str(tmp_path / "broken.flac"), "text", "en", "broken:1")]
     features, report = prepare_examples(examples, tokenizer, n_mels=80, default_language="en")
     assert [f.source for f in features] == [examples[0].source]
-    assert report.counts == {"audio longer than 30 s": 1, "unreadable audio": 2, "empty transcript": 1,
-                             "unknown language": 1, "transcript too long": 1}
+    assert report.counts == {
+        "audio longer than 30 s": 1,
+        "unreadable audio": 2,
+        "empty transcript": 1,
+        "unknown language": 1,
+        "transcript too long": 1,
+    }
     assert (report.total, report.kept, report.dropped) == (7, 1, 6)
     assert any("gone.flac" in s and "no such audio file" in s for s in report.samples["unreadable audio"])
     summary = str(report)
@@ -196,6 +214,7 @@ def test_batch_order_depends_only_on_seed_and_epoch():
     windows = order(seed=1, epoch=0, sort_window=3)
     assert windows == order(seed=1, epoch=0, sort_window=3)
     assert sorted(sum(windows, [])) == list(range(len(lengths)))
+
     # sorting by length within windows leaves less padding than a plain shuffle
     def spread(batches):
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
@@ -244,7 +263,10 @@ def hub_dataset():
 def test_hub_rows_become_examples_with_bytes_and_language(tokenizer):
     examples = load_hf_dataset(hub_dataset(), split="train")
     assert [(e.text, e.language, e.source) for e in examples] == [
-        ("one", "te", "dataset/train:0"), ("two", "sw", "dataset/train:1"), ("", "te", "dataset/train:2")]
+        ("one", "te", "dataset/train:0"),
+        ("two", "sw", "dataset/train:1"),
+        ("", "te", "dataset/train:2"),
+    ]
     assert isinstance(examples[0].audio, bytes)
     features, report = prepare_examples(examples, tokenizer, 80, default_language=None)
     assert report.counts == {"empty transcript": 1} and len(features) == 2

@@ -93,22 +93,57 @@ def free_port_pair() -> int:
 
 def lora(work: Path, adapter_path: str, iters: int, ranks: int = 1, extra: tuple = ()) -> str:
     """Run lora.py (under mlx.launch when ranks > 1); returns its stdout."""
-    args = ["--model", str(work / "model"), "--data", str(work / "data"), "--language", "en",
-            "--adapter-path", str(work / adapter_path), "--iters", str(iters), "--batch-size", "4",
-            "--learning-rate", "1e-3", "--lr-schedule", "constant", "--steps-per-report", "1",
-            "--steps-per-eval", "2", "--save-every", "2", *extra]
+    args = [
+        "--model",
+        str(work / "model"),
+        "--data",
+        str(work / "data"),
+        "--language",
+        "en",
+        "--adapter-path",
+        str(work / adapter_path),
+        "--iters",
+        str(iters),
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--lr-schedule",
+        "constant",
+        "--steps-per-report",
+        "1",
+        "--steps-per-eval",
+        "2",
+        "--save-every",
+        "2",
+        *extra,
+    ]
     if ranks == 1:
         command = [sys.executable, str(ROOT / "lora.py"), *args]
     else:
-        command = [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port_pair()),
-                   "--", sys.executable, str(work / "audited_lora.py"), str(work), str(ROOT), *args]
+        command = [
+            str(LAUNCH),
+            "--backend",
+            "ring",
+            "-n",
+            str(ranks),
+            "--starting-port",
+            str(free_port_pair()),
+            "--",
+            sys.executable,
+            str(work / "audited_lora.py"),
+            str(work),
+            str(ROOT),
+            *args,
+        ]
     # One BLAS thread per rank: two ranks share this machine's cores. PYTHONPATH: the audited
     # script runs lora.py from outside the repository.
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT)) if ranks > 1 else None
     tic = time.perf_counter()
     # stdin: a pipe never written to (mlx.launch forwards stdin; /dev/null would make it spin).
-    done = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, stdin=subprocess.PIPE, capture_output=True, text=True, timeout=300
+    )
     print(f"lora.py on {ranks} rank(s), {iters} iters: {time.perf_counter() - tic:.1f} s")
     # mlx.launch exits 0 even when a rank fails: look for its warning too.
     failed = done.returncode != 0 or "exited with code" in done.stderr or "was killed" in done.stderr
@@ -122,8 +157,7 @@ def records(folder: Path) -> list:
 
 def written_by_rank(work: Path) -> list:
     """For each rank of the last launch: the names of the files it wrote under `work`."""
-    return [{Path(path).name for _, path in json.loads((work / "audit" / f"rank{r}.json").read_text())}
-            for r in (0, 1)]
+    return [{Path(path).name for _, path in json.loads((work / "audit" / f"rank{r}.json").read_text())} for r in (0, 1)]
 
 
 @pytest.mark.skipif(not LAUNCH.exists(), reason=f"no mlx.launch beside {sys.executable}")

@@ -50,8 +50,18 @@ def write_adapter(base: Path, folder: Path, seed: int = 1, **lora) -> Path:
     for name, value in tree_flatten(model.trainable_parameters()):
         if name.endswith("lora_b"):
             model.update(tree_unflatten([(name, 0.1 * mx.random.normal(value.shape))]))
-    save_adapters(model, folder, {"version": 1, "base_model": str(base), "model_dims": model.dims.to_dict(),
-                                  "lora": config.to_dict(), "language": "te", "data": "tiny/te"})
+    save_adapters(
+        model,
+        folder,
+        {
+            "version": 1,
+            "base_model": str(base),
+            "model_dims": model.dims.to_dict(),
+            "lora": config.to_dict(),
+            "language": "te",
+            "data": "tiny/te",
+        },
+    )
     return folder
 
 
@@ -220,8 +230,17 @@ def hf_folder(base, adapter, tmp_path):
 
 def test_export_hf_reads_back_with_our_loader(hf_folder, tmp_path):
     names = {p.name for p in hf_folder.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
-            "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "README.md",
+    } <= names
     generation = json.loads((hf_folder / "generation_config.json").read_text())
     assert generation["alignment_heads"] == HEADS and generation["is_multilingual"] is True
     assert generation["forced_decoder_ids"] == [[1, generation["lang_to_id"]["<|te|>"]], [2, 50359]]
@@ -237,14 +256,22 @@ def test_export_hf_loads_in_transformers(hf_folder, tmp_path):
     ours = load_model(str(tmp_path / "out"))
     mel, tokens = inputs()
     with torch.no_grad():
-        theirs = hf(input_features=torch.tensor(np.array(mel).transpose(0, 2, 1)),
-                    decoder_input_ids=torch.tensor(np.array(tokens))).logits.numpy()
+        theirs = hf(
+            input_features=torch.tensor(np.array(mel).transpose(0, 2, 1)),
+            decoder_input_ids=torch.tensor(np.array(tokens)),
+        ).logits.numpy()
     assert max_rel_diff(theirs, logits(ours)) < 1e-4
     task = DecodingTask(ours, DecodingOptions(language="en", without_timestamps=True, sample_len=8))
     expected = [r.tokens for r in task.run(mel)]
     with torch.no_grad():
-        out = hf.generate(torch.tensor(np.array(mel).transpose(0, 2, 1)), language="en", task="transcribe",
-                          max_new_tokens=8, do_sample=False, num_beams=1)
+        out = hf.generate(
+            torch.tensor(np.array(mel).transpose(0, 2, 1)),
+            language="en",
+            task="transcribe",
+            max_new_tokens=8,
+            do_sample=False,
+            num_beams=1,
+        )
     assert [[t for t in row.tolist() if t < 50257] for row in out] == expected
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
     text = " Telugu తెలుగు, 3.14 and «ünïcödé»  spaces"
@@ -268,8 +295,18 @@ def test_upload_sends_the_mlx_folder(base, adapter, tmp_path, monkeypatch):
             calls.append(("upload_folder", repo_id, repo_type, files, json.loads((folder / "config.json").read_text())))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    run(FuseConfig(str(base), str(adapter), str(tmp_path / "out"), quantize=True, q_bits=8, q_group_size=32,
-                   upload_repo="me/whisper-tiny-te"), log=lambda *_: None)
+    run(
+        FuseConfig(
+            str(base),
+            str(adapter),
+            str(tmp_path / "out"),
+            quantize=True,
+            q_bits=8,
+            q_group_size=32,
+            upload_repo="me/whisper-tiny-te",
+        ),
+        log=lambda *_: None,
+    )
     assert calls[0] == ("create_repo", "me/whisper-tiny-te", "model", True)
     _, repo, repo_type, files, config = calls[1]
     assert (repo, repo_type) == ("me/whisper-tiny-te", "model")
@@ -289,8 +326,10 @@ def test_cli(base, adapter, tmp_path, monkeypatch, capsys):
     assert fuse.main(argv + ["--force", "--dtype", "float16"]) == 0
 
 
-@pytest.mark.skipif(not (BASE_MODEL / "config.json").is_file() or not (SHARED / "data" / "te").is_dir(),
-                    reason="needs ../shared (whisper-base-mlx and the te clips)")
+@pytest.mark.skipif(
+    not (BASE_MODEL / "config.json").is_file() or not (SHARED / "data" / "te").is_dir(),
+    reason="needs ../shared (whisper-base-mlx and the te clips)",
+)
 def test_real_whisper_base_adapter_fuses_exactly(tmp_path):
     """whisper-base + a random adapter, fused in float32, on a real te clip: same greedy tokens, logits within 1e-4."""
     adapter = write_adapter(BASE_MODEL, tmp_path / "adapter", seed=3)

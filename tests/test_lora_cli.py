@@ -61,16 +61,37 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def common(model_dir, data_dir, adapters) -> list:
-    return ["--model", str(model_dir), "--data", str(data_dir), "--adapter-path", str(adapters),
-            "--batch-size", "2", "--lora-rank", "4"]
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_dir),
+        "--adapter-path",
+        str(adapters),
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+    ]
 
 
 @pytest.fixture(scope="module")
 def trained(model_dir, data_dir, tmp_path_factory):
     """One short training run with --test: (adapter folder, stdout)."""
     adapters = tmp_path_factory.mktemp("run") / "adapters"
-    code, out, err = run_cli(*common(model_dir, data_dir, adapters), "--train", "--test", "--iters", "4",
-                             "--steps-per-report", "2", "--steps-per-eval", "4", "--save-every", "2")
+    code, out, err = run_cli(
+        *common(model_dir, data_dir, adapters),
+        "--train",
+        "--test",
+        "--iters",
+        "4",
+        "--steps-per-report",
+        "2",
+        "--steps-per-eval",
+        "4",
+        "--save-every",
+        "2",
+    )
     assert code == 0, err
     return adapters, out
 
@@ -84,19 +105,38 @@ def read_jsonl(path: Path) -> list:
 
 def test_help_lists_the_main_flags():
     env = {**os.environ, NO_REEXEC_ENV: "1"}
-    result = subprocess.run([sys.executable, "lora.py", "--help"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "lora.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
-    for flag in ("--model", "--data", "--hf-dataset", "--adapter-path", "--iters", "--batch-size",
-                 "--learning-rate", "--lora-rank", "--lora-layers", "--lora-targets", "--resume", "--test",
-                 "--save-every", "--steps-per-eval", "--grad-checkpoint", "--config", "--seed"):
+    for flag in (
+        "--model",
+        "--data",
+        "--hf-dataset",
+        "--adapter-path",
+        "--iters",
+        "--batch-size",
+        "--learning-rate",
+        "--lora-rank",
+        "--lora-layers",
+        "--lora-targets",
+        "--resume",
+        "--test",
+        "--save-every",
+        "--steps-per-eval",
+        "--grad-checkpoint",
+        "--config",
+        "--seed",
+    ):
         assert flag in result.stdout, flag
 
 
 def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("iters: 7\nlearning-rate: 0.001\nlora_targets: [attn.query, mlp1]\nseed: 0\n"
-                      "batch-size: 3\ngrad-checkpoint: true\n")
+    config.write_text(
+        "iters: 7\nlearning-rate: 0.001\nlora_targets: [attn.query, mlp1]\nseed: 0\n"
+        "batch-size: 3\ngrad-checkpoint: true\n"
+    )
     args = lora.parse_args(["--config", str(config), "--batch-size", "5", "--seed", "4"])
     assert (args.iters, args.learning_rate, args.lora_targets) == (7, 0.001, "attn.query,mlp1")
     assert args.grad_checkpoint is True
@@ -158,8 +198,7 @@ def test_fresh_adapters_score_like_the_base_model(trained, model_dir, data_dir, 
     code, _, err = run_cli(*common(model_dir, data_dir, tmp_path / "none"), "--test")
     assert code == 0, err
     summary = read_jsonl(tmp_path / "none" / "test_predictions.jsonl")[-1]
-    assert (summary["loss"], summary["wer"], summary["cer"]) == (step0["val_loss"], step0["val_wer"],
-                                                                step0["val_cer"])
+    assert (summary["loss"], summary["wer"], summary["cer"]) == (step0["val_loss"], step0["val_wer"], step0["val_cer"])
 
 
 def test_existing_adapters_are_not_overwritten_without_a_flag(trained, model_dir, data_dir):
@@ -173,8 +212,18 @@ def test_existing_adapters_are_not_overwritten_without_a_flag(trained, model_dir
 
 def test_absurd_learning_rate_stops_and_keeps_the_last_good_adapters(model_dir, data_dir, tmp_path):
     adapters = tmp_path / "adapters"
-    code, out, err = run_cli(*common(model_dir, data_dir, adapters), "--iters", "8", "--learning-rate", "1e6",
-                             "--save-every", "1", "--steps-per-eval", "0", "--freeze-encoder")
+    code, out, err = run_cli(
+        *common(model_dir, data_dir, adapters),
+        "--iters",
+        "8",
+        "--learning-rate",
+        "1e6",
+        "--save-every",
+        "1",
+        "--steps-per-eval",
+        "0",
+        "--freeze-encoder",
+    )
     assert code == 1, err
     assert "stopped without saving" in out and ("training loss is nan" in out or "weights not finite" in out)
     stopped_at = int(out.split("stopped without saving")[0].rsplit("Iter ", 1)[1].split(":")[0])

@@ -63,6 +63,7 @@ def loss_fn(model, mel, tokens):
 
 # --- LoRALinear on its own ---------------------------------------------------
 
+
 def test_lora_linear_math_and_fuse():
     mx.random.seed(0)
     base = nn.Linear(32, 48)
@@ -96,6 +97,7 @@ def test_lora_linear_keeps_input_dtype_and_scale_override():
 
 
 # --- whole-model conversion --------------------------------------------------
+
 
 def test_fresh_adapter_changes_nothing():
     model = tiny_model()
@@ -196,6 +198,7 @@ def test_converting_twice_is_an_error():
 
 # --- QLoRA -------------------------------------------------------------------
 
+
 def quantized_tiny_model() -> Whisper:
     model = tiny_model()
     nn.quantize(model, group_size=64, bits=4)
@@ -252,9 +255,7 @@ def test_dequantize_model_and_parameter_count():
     mel, tokens = inputs()
     quantized = model(mel, tokens)
     dequantize_model(model)
-    assert not any(
-        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
-    )
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     assert type(model.decoder.token_embedding) is nn.Embedding
     dequantized = model(mel, tokens)
     np.testing.assert_allclose(np.array(dequantized), np.array(quantized), rtol=1e-4, atol=1e-4)
@@ -263,10 +264,15 @@ def test_dequantize_model_and_parameter_count():
 
 # --- LoRAConfig --------------------------------------------------------------
 
+
 def test_config_round_trip():
     config = LoRAConfig(
-        num_layers=2, rank=4, alpha=8.0, dropout=0.05,
-        targets=["attn.key", "mlp1", "cross_attn.out"], freeze_encoder=True,
+        num_layers=2,
+        rank=4,
+        alpha=8.0,
+        dropout=0.05,
+        targets=["attn.key", "mlp1", "cross_attn.out"],
+        freeze_encoder=True,
     )
     assert config.lora_scale == 2.0
     restored = LoRAConfig.from_dict(json.loads(json.dumps(config.to_dict())))

@@ -37,9 +37,18 @@ def test_normalize_text():
     assert normalize_text("...") == ""
 
 
-@pytest.mark.parametrize("a,b,d", [("", "", 0), ("abc", "", 3), ("", "ab", 2),
-                                   ("kitten", "sitting", 3), ("flaw", "lawn", 2),
-                                   ("abc", "abc", 0), ("ab", "ba", 2)])
+@pytest.mark.parametrize(
+    "a,b,d",
+    [
+        ("", "", 0),
+        ("abc", "", 3),
+        ("", "ab", 2),
+        ("kitten", "sitting", 3),
+        ("flaw", "lawn", 2),
+        ("abc", "abc", 0),
+        ("ab", "ba", 2),
+    ],
+)
 def test_edit_distance_known(a, b, d):
     assert edit_distance(a, b) == d
     assert edit_distance(list(a), list(b)) == d

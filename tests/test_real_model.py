@@ -26,8 +26,10 @@ from models.tuner.metrics import normalize_text, wer
 EN_READ = SHARED / "data" / "en-read"
 REFERENCE = SHARED / "data" / "reference" / "en-read.jsonl"
 
-pytestmark = pytest.mark.skipif(not (BASE_MODEL / "config.json").is_file() or not REFERENCE.is_file(),
-                                reason="needs ../shared/models/whisper-base-mlx and ../shared/data")
+pytestmark = pytest.mark.skipif(
+    not (BASE_MODEL / "config.json").is_file() or not REFERENCE.is_file(),
+    reason="needs ../shared/models/whisper-base-mlx and ../shared/data",
+)
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
 
 
@@ -85,7 +87,8 @@ def test_jfk_transcribes_to_the_reference(model):
 def test_en_read_subset_matches_the_reference_implementation(longest, longest_greedy):
     print(f"en-read subset: {exact_matches(longest, longest_greedy)}/{len(longest)} exact")
     assert exact_matches(longest, longest_greedy) >= 19, [
-        (row["hyp"], hyp) for row, hyp in zip(longest, longest_greedy) if hyp != row["hyp"]]
+        (row["hyp"], hyp) for row, hyp in zip(longest, longest_greedy) if hyp != row["hyp"]
+    ]
 
 
 @pytest.mark.slow
@@ -146,8 +149,21 @@ def test_long_form_transcription_of_the_whole_set(model, reference, all_greedy):
 def test_cli_writes_parseable_subtitles(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(NO_REEXEC_ENV, "1")
     jfk = SHARED / "data" / "famous-clips" / "jfk.flac"
-    code = cli.main([str(jfk), "--model", str(BASE_MODEL), "--language", "en", "--output-format", "srt,vtt,json",
-                     "--output-dir", str(tmp_path), "--dtype", "float32"])
+    code = cli.main(
+        [
+            str(jfk),
+            "--model",
+            str(BASE_MODEL),
+            "--language",
+            "en",
+            "--output-format",
+            "srt,vtt,json",
+            "--output-dir",
+            str(tmp_path),
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out.strip()
     assert normalize_text(text).startswith("and so my fellow americans")

@@ -129,8 +129,9 @@ def test_audio_silence_gives_finite_features_and_an_empty_transcript(tmp_path):
     samples = load_audio(tmp_path / "silence.wav")
     assert samples.shape == (3 * SAMPLE_RATE,) and not samples.any()
     assert np.isfinite(audio_module.log_mel_spectrogram(samples)).all()  # log10(0) is floored, never -inf
-    (feature,), report = prepare_examples([Example(str(tmp_path / "silence.wav"), "quiet", "en", "row")],
-                                          TOKENIZER, 80, "en", verbose=False)
+    (feature,), report = prepare_examples(
+        [Example(str(tmp_path / "silence.wav"), "quiet", "en", "row")], TOKENIZER, 80, "en", verbose=False
+    )
     assert report.kept == 1 and np.isfinite(feature.mel.astype(np.float32)).all()
     windows = audio_module.MelWindows(audio_module.open_audio(tmp_path / "silence.wav"))
     assert np.isfinite(windows.window(0)).all()
@@ -154,15 +155,16 @@ def test_audio_48khz_stereo_is_mixed_to_mono_and_resampled(tmp_path):
     np.testing.assert_allclose(samples[100:-100], expected[100:-100], atol=0.01)
 
 
-@pytest.mark.parametrize("name, format, subtype", [("clip.mp3", "MP3", None), ("clip.ogg", "OGG", "VORBIS"),
-                                                   ("clip.opus", "OGG", "OPUS")])
+@pytest.mark.parametrize(
+    "name, format, subtype", [("clip.mp3", "MP3", None), ("clip.ogg", "OGG", "VORBIS"), ("clip.opus", "OGG", "OPUS")]
+)
 def test_audio_mp3_ogg_opus_are_read(tmp_path, name, format, subtype):
     if format not in sf.available_formats() or (subtype and subtype not in sf.available_subtypes(format)):
         pytest.skip(f"this libsndfile cannot write {name}")
     sf.write(tmp_path / name, tone(2.0, 440, 48000), 48000, format=format, subtype=subtype)
     samples = load_audio(tmp_path / name)
     assert abs(len(samples) - 2 * SAMPLE_RATE) < 0.05 * SAMPLE_RATE  # codecs add a little padding
-    spectrum = np.abs(np.fft.rfft(samples[: SAMPLE_RATE]))
+    spectrum = np.abs(np.fft.rfft(samples[:SAMPLE_RATE]))
     assert abs(np.argmax(spectrum) - 440) <= 2  # the tone survived the codec (1 Hz bins)
 
 
@@ -236,8 +238,9 @@ def test_audio_two_hour_file_real_features_and_model_stay_small(two_hour_flac):
 def test_audio_tenth_of_a_second_clip_featurises_and_transcribes(tmp_path):
     sf.write(tmp_path / "blip.wav", tone(0.1), SAMPLE_RATE)
     assert load_audio(tmp_path / "blip.wav").shape == (1600,)
-    (feature,), _ = prepare_examples([Example(str(tmp_path / "blip.wav"), "hi", "en", "row")], TOKENIZER, 80,
-                                     "en", verbose=False)
+    (feature,), _ = prepare_examples(
+        [Example(str(tmp_path / "blip.wav"), "hi", "en", "row")], TOKENIZER, 80, "en", verbose=False
+    )
     assert feature.mel.shape == (N_FRAMES, 80) and np.isfinite(feature.mel.astype(np.float32)).all()
     assert tr.transcribe(silent_model(), str(tmp_path / "blip.wav"), language="en")["text"] == ""
     # Even shorter than one FFT window: no crash, nothing to transcribe.
@@ -255,8 +258,11 @@ def write_manifest(folder: Path, lines, encoding="utf-8") -> Path:
 
 def test_data_missing_metadata_column_names_the_file_row_and_columns(tmp_path):
     write_manifest(tmp_path, ["file_name,caption", "a.flac,hello"])
-    with pytest.raises(ValueError, match=r"metadata\.csv:2: no transcript column; expected one of sentence, "
-                                         r"text, transcription, normalized_text, found file_name, caption"):
+    with pytest.raises(
+        ValueError,
+        match=r"metadata\.csv:2: no transcript column; expected one of sentence, "
+        r"text, transcription, normalized_text, found file_name, caption",
+    ):
         read_manifest(tmp_path)
 
 
@@ -265,8 +271,10 @@ def test_data_row_whose_file_is_missing_is_dropped_and_named(tmp_path):
     write_manifest(tmp_path, ["file_name,text", "here.flac,present", "gone.flac,absent"])
     features, report = prepare_examples(read_manifest(tmp_path), TOKENIZER, 80, "en", verbose=False)
     assert [f.source for f in features] == [f"{tmp_path / 'metadata.csv'}:2"]
-    assert str(report) == (f"kept 1 of 2 examples; dropped 1: unreadable audio: 1 (e.g. {tmp_path / 'metadata.csv'}:3: "
-                           f"{tmp_path / 'gone.flac'}: no such audio file)")
+    assert str(report) == (
+        f"kept 1 of 2 examples; dropped 1: unreadable audio: 1 (e.g. {tmp_path / 'metadata.csv'}:3: "
+        f"{tmp_path / 'gone.flac'}: no such audio file)"
+    )
 
 
 def test_data_non_utf8_row_is_dropped_not_the_whole_manifest(tmp_path):
@@ -277,7 +285,8 @@ def test_data_non_utf8_row_is_dropped_not_the_whole_manifest(tmp_path):
     features, report = prepare_examples(examples, TOKENIZER, 80, "en", verbose=False)
     assert [f.source for f in features] == [f"{tmp_path / 'metadata.csv'}:3"]
     assert report.samples["non-UTF-8 text"] == [
-        f"{tmp_path / 'metadata.csv'}:2: byte 0xe9 is not UTF-8; save the manifest as UTF-8"]
+        f"{tmp_path / 'metadata.csv'}:2: byte 0xe9 is not UTF-8; save the manifest as UTF-8"
+    ]
 
 
 def test_data_row_over_448_tokens_is_dropped():
@@ -287,8 +296,9 @@ def test_data_row_over_448_tokens_is_dropped():
 
 def test_data_audio_over_30_s_is_dropped(tmp_path):
     sf.write(tmp_path / "long.flac", tone(31.0), SAMPLE_RATE)
-    _, report = prepare_examples([Example(str(tmp_path / "long.flac"), "long", "en", "m.csv:2")], TOKENIZER, 80,
-                                 "en", verbose=False)
+    _, report = prepare_examples(
+        [Example(str(tmp_path / "long.flac"), "long", "en", "m.csv:2")], TOKENIZER, 80, "en", verbose=False
+    )
     assert report.samples == {"audio longer than 30 s": ["m.csv:2: 31.0 s"]}
 
 
@@ -298,25 +308,58 @@ def test_data_empty_split_is_an_error_naming_the_manifest(tmp_path, model_folder
     write_manifest(tmp_path / "validation", ["file_name,text"])
     with pytest.raises(ValueError, match=r"validation/metadata\.csv has no rows; add one row per audio file"):
         load_local_dataset(tmp_path)
-    code = lora_cli.main(["--model", str(model_folder), "--data", str(tmp_path), "--language", "en",
-                          "--adapter-path", str(tmp_path / "adapters")])
+    code = lora_cli.main(
+        [
+            "--model",
+            str(model_folder),
+            "--data",
+            str(tmp_path),
+            "--language",
+            "en",
+            "--adapter-path",
+            str(tmp_path / "adapters"),
+        ]
+    )
     assert code == 1
-    assert capsys.readouterr().err == f"error: {tmp_path / 'validation' / 'metadata.csv'} has no rows; " \
-                                      f"add one row per audio file\n"
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path / 'validation' / 'metadata.csv'} has no rows; "
+        f"add one row per audio file\n"
+    )
 
 
 def test_data_unknown_hub_dataset_offline_says_it_could_not_be_reached(tmp_path, model_folder):
     # A subprocess: the Hub libraries read the offline switches when they are imported.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               **{NO_REEXEC_ENV: "1"})
-    run = subprocess.run([sys.executable, "lora.py", "--model", str(model_folder), "--hf-dataset",
-                          "nobody-xyz/no-such-dataset", "--language", "en", "--adapter-path", str(tmp_path / "a")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), **{NO_REEXEC_ENV: "1"}
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "lora.py",
+            "--model",
+            str(model_folder),
+            "--hf-dataset",
+            "nobody-xyz/no-such-dataset",
+            "--language",
+            "en",
+            "--adapter-path",
+            str(tmp_path / "a"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr
-    assert re.search(r"^error: could not load Hugging Face dataset 'nobody-xyz/no-such-dataset' \(config None, "
-                     r"split 'train'\): Couldn't reach 'nobody-xyz/no-such-dataset' on the Hub .*Check the dataset "
-                     r"name, config and split, your network connection, and HF_TOKEN", run.stderr, re.M), run.stderr
+    assert re.search(
+        r"^error: could not load Hugging Face dataset 'nobody-xyz/no-such-dataset' \(config None, "
+        r"split 'train'\): Couldn't reach 'nobody-xyz/no-such-dataset' on the Hub .*Check the dataset "
+        r"name, config and split, your network connection, and HF_TOKEN",
+        run.stderr,
+        re.M,
+    ), run.stderr
     assert issubclass(DatasetLoadError, RuntimeError)
 
 
@@ -338,27 +381,63 @@ def scraped_folder(folder: Path) -> Path:
     nan = tone(1.0)
     nan[5] = np.nan
     sf.write(folder / "nan.wav", nan, SAMPLE_RATE, subtype="FLOAT")
-    rows = [b"file_name,text", b"tone.flac,a tone", b"blip.wav,a blip", b"u8.wav,eight bits",
-            b"stereo.wav,two channels", b"quiet.wav,silence", b"gone.flac,missing file", b"tone.flac,caf\xe9",
-            b"long.flac,too long", b"tone.flac," + b"word " * 500, b"trunc.flac,truncated",
-            b"notes.wav,text file", b"empty.wav,empty file", b"nan.wav,not a number"]
+    rows = [
+        b"file_name,text",
+        b"tone.flac,a tone",
+        b"blip.wav,a blip",
+        b"u8.wav,eight bits",
+        b"stereo.wav,two channels",
+        b"quiet.wav,silence",
+        b"gone.flac,missing file",
+        b"tone.flac,caf\xe9",
+        b"long.flac,too long",
+        b"tone.flac," + b"word " * 500,
+        b"trunc.flac,truncated",
+        b"notes.wav,text file",
+        b"empty.wav,empty file",
+        b"nan.wav,not a number",
+    ]
     (folder / "metadata.csv").write_bytes(b"\n".join(rows) + b"\n")
     return folder
 
 
 def test_bad_rows_do_not_kill_a_training_run(tmp_path, model_folder, capsys):
     data = scraped_folder(tmp_path / "scraped")
-    code = lora_cli.main(["--model", str(model_folder), "--data", str(data), "--language", "en", "--val-fraction",
-                          "0", "--adapter-path", str(tmp_path / "adapters"), "--iters", "2", "--batch-size", "2",
-                          "--steps-per-eval", "0", "--lora-rank", "4"])
+    code = lora_cli.main(
+        [
+            "--model",
+            str(model_folder),
+            "--data",
+            str(data),
+            "--language",
+            "en",
+            "--val-fraction",
+            "0",
+            "--adapter-path",
+            str(tmp_path / "adapters"),
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--steps-per-eval",
+            "0",
+            "--lora-rank",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     report = next(line for line in out.splitlines() if line.startswith("train: "))
     assert report.startswith("train: kept 5 of 13 examples; dropped 8: ")
-    counts = dict(re.findall(r"(unreadable audio|non-UTF-8 text|audio longer than 30 s|transcript too long): (\d+)",
-                             report))
-    assert counts == {"unreadable audio": "5", "non-UTF-8 text": "1", "audio longer than 30 s": "1",
-                      "transcript too long": "1"}
+    counts = dict(
+        re.findall(r"(unreadable audio|non-UTF-8 text|audio longer than 30 s|transcript too long): (\d+)", report)
+    )
+    assert counts == {
+        "unreadable audio": "5",
+        "non-UTF-8 text": "1",
+        "audio longer than 30 s": "1",
+        "transcript too long": "1",
+    }
     for name in ("gone.flac", "trunc.flac", "notes.wav", "empty.wav", "nan.wav"):
         assert re.search(rf"^Skipping .*metadata\.csv:\d+: .*{re.escape(name)}: ", out, re.M), name
     assert load_adapters(tiny_whisper(), tmp_path / "adapters") is not None
@@ -370,13 +449,25 @@ def test_bad_files_do_not_stop_a_transcription_batch(tmp_path, silent_model_fold
     truncated_flac(tmp_path / "trunc.flac")
     (tmp_path / "notes.wav").write_text("not audio")
     names = ["good.wav", "empty.wav", "trunc.flac", "notes.wav"]
-    code = transcribe_cli.main([*(str(tmp_path / n) for n in names), "--model", str(silent_model_folder),
-                                "--language", "en", "--output-dir", str(tmp_path / "out")])
+    code = transcribe_cli.main(
+        [
+            *(str(tmp_path / n) for n in names),
+            "--model",
+            str(silent_model_folder),
+            "--language",
+            "en",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "Transcribed 1 of 4 file(s); 3 failed, 0 input(s) not found:" in err
-    for name, why in (("empty.wav", "the file is empty"), ("trunc.flac", "truncated or corrupt FLAC file"),
-                      ("notes.wav", "could not decode")):
+    for name, why in (
+        ("empty.wav", "the file is empty"),
+        ("trunc.flac", "truncated or corrupt FLAC file"),
+        ("notes.wav", "could not decode"),
+    ):
         assert re.search(rf"^  {re.escape(str(tmp_path / name))}: AudioError: .*{why}", err, re.M), name
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.txt"]
 
@@ -390,8 +481,10 @@ def test_model_missing_folder_is_a_clear_error_in_every_cli(tmp_path, capsys):
         load_model(str(missing))
     sf.write(tmp_path / "a.wav", tone(1.0), SAMPLE_RATE)
     assert transcribe_cli.main([str(tmp_path / "a.wav"), "--model", str(missing)]) == 2
-    assert capsys.readouterr().err == (f"error: could not load the model: {missing}: no such model folder "
-                                       f"(and not a Hugging Face repo id like user/name)\n")
+    assert capsys.readouterr().err == (
+        f"error: could not load the model: {missing}: no such model folder "
+        f"(and not a Hugging Face repo id like user/name)\n"
+    )
     assert lora_cli.main(["--model", str(missing), "--data", str(tmp_path), "--adapter-path", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {missing}: no such model folder")
 
@@ -433,27 +526,33 @@ def lora_adapters(folder: Path, dims: dict = None, lora: dict = None, **config) 
     model = tiny_whisper(**(dims or {}))
     lora_config = LoRAConfig(rank=4)
     linear_to_lora_layers(model, lora_config)
-    save_adapters(model, folder, {"lora": lora or lora_config.to_dict(), "model_dims": model.dims.to_dict(),
-                                  "base_model": "tiny", **config})
+    save_adapters(
+        model,
+        folder,
+        {"lora": lora or lora_config.to_dict(), "model_dims": model.dims.to_dict(), "base_model": "tiny", **config},
+    )
     return folder
 
 
 def test_adapters_for_another_model_size_are_refused_by_transcribe(tmp_path, model_folder, capsys):
     adapters = lora_adapters(tmp_path / "adapters", dict(n_audio_state=32, n_text_state=32))
     sf.write(tmp_path / "a.wav", tone(1.0), SAMPLE_RATE)
-    code = transcribe_cli.main([str(tmp_path / "a.wav"), "--model", str(model_folder), "--adapter-path",
-                                str(adapters)])
+    code = transcribe_cli.main([str(tmp_path / "a.wav"), "--model", str(model_folder), "--adapter-path", str(adapters)])
     assert code == 2
     assert capsys.readouterr().err == (
         f"error: could not load the model: {adapters}: adapters were trained on another model size (adapter vs "
-        f"model: {{'n_audio_state': (32, 64), 'n_text_state': (32, 64)}}); use the base model 'tiny'\n")
+        f"model: {{'n_audio_state': (32, 64), 'n_text_state': (32, 64)}}); use the base model 'tiny'\n"
+    )
 
 
 def test_adapter_config_from_a_newer_version_loads_with_a_warning(tmp_path):
     lora = {**LoRAConfig(rank=4).to_dict(), "version": 2, "gate": "tanh"}
     adapters = lora_adapters(tmp_path / "adapters", lora=lora, version=2, future_section={"x": 1})
-    with pytest.warns(UserWarning, match=r"LoRA config version 2 is newer than this code \(1\); ignoring keys "
-                                         r"\['gate'\]"):
+    with pytest.warns(
+        UserWarning,
+        match=r"LoRA config version 2 is newer than this code \(1\); ignoring keys "
+        r"\['gate'\]",
+    ):
         model = load_adapters(tiny_whisper(), adapters)
     saved = mx.load(str(adapters / "adapters.safetensors"))
     loaded = dict(tree_flatten(model.trainable_parameters()))
@@ -468,9 +567,29 @@ def test_adapter_config_from_a_newer_version_loads_with_a_warning(tmp_path):
 
 
 def lora_args(model_folder: Path, data: Path, adapters: Path, *extra: str) -> list:
-    return ["--model", str(model_folder), "--data", str(data), "--language", "en", "--val-fraction", "0",
-            "--adapter-path", str(adapters), "--batch-size", "2", "--steps-per-eval", "0", "--steps-per-report", "1",
-            "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
+    return [
+        "--model",
+        str(model_folder),
+        "--data",
+        str(data),
+        "--language",
+        "en",
+        "--val-fraction",
+        "0",
+        "--adapter-path",
+        str(adapters),
+        "--batch-size",
+        "2",
+        "--steps-per-eval",
+        "0",
+        "--steps-per-report",
+        "1",
+        "--lora-rank",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -487,11 +606,13 @@ def clips(tmp_path_factory) -> Path:
 def test_flag_mistakes_say_what_to_do(tmp_path, model_folder, clips, capsys):
     base = lora_args(model_folder, clips, tmp_path / "adapters", "--iters", "1")
     assert lora_cli.main([*base, "--lora-targets", "attn.q,mlp1"]) == 1
-    assert capsys.readouterr().err.startswith("error: Unknown LoRA targets ['attn.q']; valid targets are "
-                                              "['attn.query', 'attn.key', ")
+    assert capsys.readouterr().err.startswith(
+        "error: Unknown LoRA targets ['attn.q']; valid targets are ['attn.query', 'attn.key', "
+    )
     assert lora_cli.main([*base, "--resume"]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {tmp_path / 'adapters' / RESUME_FILE}: nothing to "
-                                                        f"resume from; train without --resume first")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {tmp_path / 'adapters' / RESUME_FILE}: nothing to resume from; train without --resume first"
+    )
     (tmp_path / "config.yaml").write_text("learning_rate: 1e-3\nlr: 5\n")
     with pytest.raises(SystemExit) as exit_:
         lora_cli.main([*base, "--config", str(tmp_path / "config.yaml")])
@@ -502,15 +623,30 @@ def test_flag_mistakes_say_what_to_do(tmp_path, model_folder, clips, capsys):
 def test_training_nan_loss_stops_keeps_the_last_good_adapters_and_says_why(tmp_path, model_folder, clips, capsys):
     # A learning rate off by 30 orders of magnitude: Adam moves every weight by ~1e30 at once.
     adapters = tmp_path / "adapters"
-    code = lora_cli.main(lora_args(model_folder, clips, adapters, "--iters", "10", "--save-every", "1",
-                                   "--learning-rate", "1e30", "--lr-schedule", "constant"))
+    code = lora_cli.main(
+        lora_args(
+            model_folder,
+            clips,
+            adapters,
+            "--iters",
+            "10",
+            "--save-every",
+            "1",
+            "--learning-rate",
+            "1e30",
+            "--lr-schedule",
+            "constant",
+        )
+    )
     out = capsys.readouterr().out
     assert code == 1
     stop = next(line for line in out.splitlines() if "stopped without saving" in line)
-    assert re.fullmatch(rf"Iter (\d+): training loss is (nan|inf)(, adapter weights not finite)?; stopped without "
-                        rf"saving; the last good adapters \(iter (\d+)\) are in {re.escape(str(adapters))} "
-                        rf"\(resume\.safetensors / checkpoints\)\. Lower --learning-rate or use --dtype float32",
-                        stop), stop
+    assert re.fullmatch(
+        rf"Iter (\d+): training loss is (nan|inf)(, adapter weights not finite)?; stopped without "
+        rf"saving; the last good adapters \(iter (\d+)\) are in {re.escape(str(adapters))} "
+        rf"\(resume\.safetensors / checkpoints\)\. Lower --learning-rate or use --dtype float32",
+        stop,
+    ), stop
     failed, kept = int(stop.split()[1].rstrip(":")), int(re.search(r"\(iter (\d+)\)", stop).group(1))
     assert kept == failed - 1
     _, metadata = mx.load(str(adapters / RESUME_FILE), return_metadata=True)
@@ -523,10 +659,14 @@ def test_training_nan_before_the_first_save_says_nothing_was_saved(tmp_path):
     model = tiny_whisper(**SHORT)
     linear_to_lora_layers(model, LoRAConfig(rank=4))
     features = [Features(np.full((32, 80), np.nan, np.float16), label_tokens(TOKENIZER, "hi", "en"), "nan")] * 2
-    trainer = Trainer(model, TOKENIZER, TrainingArgs(iters=5, batch_size=2, steps_per_eval=0, steps_per_report=1,
-                                                     save_every=100))
-    with pytest.raises(TrainingStopped, match=r"^Iter 1: training loss is nan.*; stopped without saving; no "
-                                              r"adapters were saved before it\. Lower --learning-rate"):
+    trainer = Trainer(
+        model, TOKENIZER, TrainingArgs(iters=5, batch_size=2, steps_per_eval=0, steps_per_report=1, save_every=100)
+    )
+    with pytest.raises(
+        TrainingStopped,
+        match=r"^Iter 1: training loss is nan.*; stopped without saving; no "
+        r"adapters were saved before it\. Lower --learning-rate",
+    ):
         train(trainer, features, [], AdapterFolder(tmp_path, {"lora": {}}))
     assert not (tmp_path / "adapters.safetensors").exists()
 
@@ -548,14 +688,16 @@ def start_lora(args: list, stderr_path: Path) -> subprocess.Popen:
     """lora.py in a subprocess; stderr (progress bars) goes to a file so no pipe can fill up and block it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{NO_REEXEC_ENV: "1"})
     with open(stderr_path, "w") as stderr:
-        return subprocess.Popen([sys.executable, "lora.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)
+        return subprocess.Popen(
+            [sys.executable, "lora.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
 
 
 def test_ctrl_c_saves_the_adapters_and_exits_cleanly(tmp_path, model_folder, clips):
     adapters = tmp_path / "adapters"
-    process = start_lora(lora_args(model_folder, clips, adapters, "--iters", "1000", "--save-every", "1000"),
-                         tmp_path / "stderr.txt")
+    process = start_lora(
+        lora_args(model_folder, clips, adapters, "--iters", "1000", "--save-every", "1000"), tmp_path / "stderr.txt"
+    )
     read_lines_until(process, r"^Iter 2: train loss")
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=120)
@@ -563,15 +705,17 @@ def test_ctrl_c_saves_the_adapters_and_exits_cleanly(tmp_path, model_folder, cli
     assert process.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     line = next(line for line in out.splitlines() if line.startswith("Interrupted"))
-    assert re.fullmatch(rf"Interrupted at iter (\d+): saved adapters and resume state in {re.escape(str(adapters))}; "
-                        rf"continue with --resume", line), line
+    assert re.fullmatch(
+        rf"Interrupted at iter (\d+): saved adapters and resume state in {re.escape(str(adapters))}; "
+        rf"continue with --resume",
+        line,
+    ), line
     step = line.split()[3].rstrip(":")
     assert mx.load(str(adapters / RESUME_FILE), return_metadata=True)[1]["step"] == step
     load_adapters(tiny_whisper(), adapters)
 
 
-def test_resume_after_sigkill_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path, model_folder, clips,
-                                                                              capsys):
+def test_resume_after_sigkill_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path, model_folder, clips, capsys):
     common = ["--iters", "4", "--save-every", "2", "--learning-rate", "1e-2", "--warmup", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert lora_cli.main(lora_args(model_folder, clips, straight, *common)) == 0
@@ -611,8 +755,9 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path)
     target, rng = tmp_path / "adapters.safetensors", random.Random(0)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for _ in range(4):
-        process = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(target)], env=env, stdout=subprocess.PIPE,
-                                   text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", SAVE_LOOP, str(target)], env=env, stdout=subprocess.PIPE, text=True
+        )
         saved = int(process.stdout.readline())
         time.sleep(rng.uniform(0.0, 0.3))  # lands mid-write more often than not: each write is 4 MB
         process.kill()
@@ -645,13 +790,17 @@ def test_disk_full_on_save_is_a_clear_error_and_keeps_the_previous_file(tmp_path
     atomic.save_safetensors_atomic(weights, {"a": mx.ones((4,))})
     atomic.write_json_atomic(config, {"version": 1})
     disk_full()
-    for path, save in ((weights, lambda: atomic.save_safetensors_atomic(weights, {"a": mx.zeros((4,))})),
-                       (config, lambda: atomic.write_json_atomic(config, {"version": 2}))):
+    for path, save in (
+        (weights, lambda: atomic.save_safetensors_atomic(weights, {"a": mx.zeros((4,))})),
+        (config, lambda: atomic.write_json_atomic(config, {"version": 2})),
+    ):
         with pytest.raises(OSError) as error:
             save()
         assert error.value.errno == errno.ENOSPC
-        assert str(error.value) == (f"[Errno 28] disk full: could not save {path} (No space left on device); the "
-                                    f"previous {path.name}, if any, is unchanged. Free some space and try again")
+        assert str(error.value) == (
+            f"[Errno 28] disk full: could not save {path} (No space left on device); the "
+            f"previous {path.name}, if any, is unchanged. Free some space and try again"
+        )
     assert mx.array_equal(mx.load(str(weights))["a"], mx.ones((4,))).item()
     assert json.loads(config.read_text()) == {"version": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
@@ -661,11 +810,17 @@ def test_disk_full_during_training_stops_with_the_previous_checkpoint_intact(tmp
     model = tiny_whisper(**SHORT)
     linear_to_lora_layers(model, LoRAConfig(rank=4))
     features = [Features(np.zeros((32, 80), np.float16), label_tokens(TOKENIZER, t, "en"), t) for t in ("a", "b")]
-    trainer = Trainer(model, TOKENIZER, TrainingArgs(iters=5, batch_size=2, steps_per_eval=0, steps_per_report=1,
-                                                     save_every=1),
-                      log=lambda line: disk_full() if line.startswith("Iter 2: train loss") else None)
-    with pytest.raises(OSError, match=rf"^\[Errno 28\] disk full: could not save "
-                                      rf"{re.escape(str(tmp_path / 'adapters.safetensors'))} "):
+    trainer = Trainer(
+        model,
+        TOKENIZER,
+        TrainingArgs(iters=5, batch_size=2, steps_per_eval=0, steps_per_report=1, save_every=1),
+        log=lambda line: disk_full() if line.startswith("Iter 2: train loss") else None,
+    )
+    with pytest.raises(
+        OSError,
+        match=rf"^\[Errno 28\] disk full: could not save "
+        rf"{re.escape(str(tmp_path / 'adapters.safetensors'))} ",
+    ):
         train(trainer, features, [], AdapterFolder(tmp_path, {"lora": {}}))
     assert mx.load(str(tmp_path / RESUME_FILE), return_metadata=True)[1]["step"] == "1"
     saved = mx.load(str(tmp_path / "adapters.safetensors"))
@@ -676,8 +831,11 @@ def test_disk_full_during_training_stops_with_the_previous_checkpoint_intact(tmp
 # ================================================================ security
 
 
-SOURCE_FILES = sorted(p for p in ROOT.rglob("*.py")  # the library, CLIs and benchmarks; not tests, venvs or caches
-                      if not any(part.startswith(".") or part == "tests" for part in p.relative_to(ROOT).parts))
+SOURCE_FILES = sorted(
+    p
+    for p in ROOT.rglob("*.py")  # the library, CLIs and benchmarks; not tests, venvs or caches
+    if not any(part.startswith(".") or part == "tests" for part in p.relative_to(ROOT).parts)
+)
 UNSAFE_LOADERS = {
     r"allow_pickle\s*=\s*True": "np.load with allow_pickle=True unpickles",
     r"\btorch\.load\b": "torch.load unpickles",
@@ -689,21 +847,34 @@ UNSAFE_LOADERS = {
 
 def unsafe_loads(path: Path) -> list:
     """(line number, why) of every line of `path` that matches an UNSAFE_LOADERS pattern."""
-    return [(n, why) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
-            for pattern, why in UNSAFE_LOADERS.items() if re.search(pattern, line)]
+    return [
+        (n, why)
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        for pattern, why in UNSAFE_LOADERS.items()
+        if re.search(pattern, line)
+    ]
 
 
 def test_no_pickle_or_remote_code_loading_in_the_codebase():
     names = {str(p.relative_to(ROOT)) for p in SOURCE_FILES}
-    assert {"utils.py", "lora.py", "models/whisper.py", "models/inference/decoding.py", "models/tuner/adapters.py",
-            "models/export/hf.py", "benchmarks/common.py"} <= names  # every subfolder of models/ is scanned
+    assert {
+        "utils.py",
+        "lora.py",
+        "models/whisper.py",
+        "models/inference/decoding.py",
+        "models/tuner/adapters.py",
+        "models/export/hf.py",
+        "benchmarks/common.py",
+    } <= names  # every subfolder of models/ is scanned
     assert [f"{p.relative_to(ROOT)}:{n}: {why}" for p in SOURCE_FILES for n, why in unsafe_loads(p)] == []
 
 
 def test_the_unsafe_loader_scan_sees_each_kind(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("x = np.load(f, allow_pickle=True)\nstate = torch.load(path)\nobj = pickle.loads(blob)\n"
-                      "import dill\nm = AutoModel.from_pretrained(repo, trust_remote_code=True)\nok = mx.load(path)\n")
+    sample.write_text(
+        "x = np.load(f, allow_pickle=True)\nstate = torch.load(path)\nobj = pickle.loads(blob)\n"
+        "import dill\nm = AutoModel.from_pretrained(repo, trust_remote_code=True)\nok = mx.load(path)\n"
+    )
     assert [n for n, _ in unsafe_loads(sample)] == [1, 2, 3, 4, 5]
 
 
@@ -717,9 +888,12 @@ def test_model_downloads_fetch_no_pickle_or_code_files(monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    with pytest.raises(ModelLoadError, match=r"^someone/whisper: no such model folder, and could not download "
-                                             r"model 'someone/whisper' from the Hugging Face Hub \(ConnectionError: "
-                                             r"offline\); check the path or repo name, your network, or HF_TOKEN$"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"^someone/whisper: no such model folder, and could not download "
+        r"model 'someone/whisper' from the Hugging Face Hub \(ConnectionError: "
+        r"offline\); check the path or repo name, your network, or HF_TOKEN$",
+    ):
         load_model("someone/whisper")
     patterns = calls[0]["allow_patterns"]
     assert not [p for p in patterns if p.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt", ".py", "*"))]
@@ -732,9 +906,12 @@ def test_model_folder_with_only_pickle_weights_is_refused(tmp_path, model_folder
     folder.mkdir()
     (folder / "config.json").write_bytes((model_folder / "config.json").read_bytes())
     (folder / name).write_bytes(b"\x80\x04\x95 pretend pickle: must never be opened")
-    with pytest.raises(ModelLoadError, match=rf"no weights file; expected one of weights\.safetensors, weights\.npz, "
-                                             rf"model\.safetensors; {re.escape(name)} not loaded: pickle-based files "
-                                             rf"can run code when opened, convert them to safetensors"):
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"no weights file; expected one of weights\.safetensors, weights\.npz, "
+        rf"model\.safetensors; {re.escape(name)} not loaded: pickle-based files "
+        rf"can run code when opened, convert them to safetensors",
+    ):
         load_model(str(folder))
 
 
@@ -761,8 +938,19 @@ def test_output_names_from_input_names_stay_inside_the_output_dir(tmp_path, sile
 
     (tmp_path / "work").mkdir()
     before = outside_out()
-    code = transcribe_cli.main([*(str(inputs / name) for name in HOSTILE_NAMES), "--model", str(silent_model_folder),
-                                "--language", "en", "--output-dir", str(out), "--output-format", "txt,json"])
+    code = transcribe_cli.main(
+        [
+            *(str(inputs / name) for name in HOSTILE_NAMES),
+            "--model",
+            str(silent_model_folder),
+            "--language",
+            "en",
+            "--output-dir",
+            str(out),
+            "--output-format",
+            "txt,json",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     written = sorted(p for p in out.rglob("*"))
     assert len(written) == 2 * len(HOSTILE_NAMES) and all(p.parent == out for p in written)

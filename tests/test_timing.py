@@ -113,8 +113,10 @@ def test_add_word_timestamps_keeps_words_ordered_and_inside_the_audio(tiny_model
     first = [begin] + tokenizer.encode(" One two three.") + [begin + 100]
     second = [begin + 100] + tokenizer.encode(" Four five.") + [begin + 250]
     seek = 1000  # the window starts at 10 s
-    segments = [dict(seek=seek, start=10.0, end=12.0, tokens=first),
-                dict(seek=seek, start=12.0, end=15.0, tokens=second)]
+    segments = [
+        dict(seek=seek, start=10.0, end=12.0, tokens=first),
+        dict(seek=seek, start=12.0, end=15.0, tokens=second),
+    ]
     mel = mx.array(np.random.default_rng(2).normal(size=(N_FRAMES, 80)).astype(np.float32))
     add_word_timestamps(segments, tiny_model, tokenizer, mel, num_frames=600, end_time=15.5)
     words = [w for s in segments for w in s["words"]]

@@ -45,8 +45,9 @@ def tiny_model(dims: ModelDimensions = SMALL, seed: int = 0) -> Whisper:
     return model
 
 
-def lora_model(dims: ModelDimensions = SMALL, seed: int = 0, rank: int = 8, dropout: float = 0.0,
-               lora_seed: int = 0) -> Whisper:
+def lora_model(
+    dims: ModelDimensions = SMALL, seed: int = 0, rank: int = 8, dropout: float = 0.0, lora_seed: int = 0
+) -> Whisper:
     """A tiny model with LoRA on every target; the same seeds give the same weights and adapters."""
     model = tiny_model(dims, seed)
     mx.random.seed(lora_seed)
@@ -74,8 +75,10 @@ def small_vocab_features(lengths, seed: int = 0):
     """Label sequences like Whisper's: a shared 4-token prefix, clip-specific text, an end token."""
     prefix, eot = [1020, 1021, 1022, 1023], 1019
     rng = np.random.default_rng(seed)
-    return [Features(clip_mel(rng), np.array(prefix + rng.integers(1, 1000, size=n).tolist() + [eot], np.int32),
-                     f"clip{i}") for i, n in enumerate(lengths)]
+    return [
+        Features(clip_mel(rng), np.array(prefix + rng.integers(1, 1000, size=n).tolist() + [eot], np.int32), f"clip{i}")
+        for i, n in enumerate(lengths)
+    ]
 
 
 def text_features(tokenizer, texts, seed: int = 0):
@@ -84,13 +87,29 @@ def text_features(tokenizer, texts, seed: int = 0):
 
 
 def args_for(**overrides) -> TrainingArgs:
-    defaults = dict(iters=6, batch_size=2, learning_rate=1e-3, steps_per_report=1, steps_per_eval=0,
-                    save_every=100, pad_to_multiple=8)
+    defaults = dict(
+        iters=6,
+        batch_size=2,
+        learning_rate=1e-3,
+        steps_per_report=1,
+        steps_per_eval=0,
+        save_every=100,
+        pad_to_multiple=8,
+    )
     return TrainingArgs(**{**defaults, **overrides})
 
 
-def run_training(model, folder: Path, args: TrainingArgs, train_set, val_set=(), tokenizer=None, resume=False,
-                 log=lambda line: None, **kwargs):
+def run_training(
+    model,
+    folder: Path,
+    args: TrainingArgs,
+    train_set,
+    val_set=(),
+    tokenizer=None,
+    resume=False,
+    log=lambda line: None,
+    **kwargs,
+):
     trainer = Trainer(model, tokenizer, args, log=log)
     config = {"lora": {"rank": 8, "targets": ALL_TARGETS}, "model_dims": model.dims.to_dict()}
     return train(trainer, train_set, list(val_set), AdapterFolder(folder, config), resume=resume, **kwargs)
@@ -181,8 +200,9 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
         mx.eval(loss, grads)
         step_loss, _ = trainer.train_step([batch])
         mx.eval(step_loss, model.state)
-        results.append((loss.item(), dict(tree_flatten(grads)), step_loss.item(),
-                        dict(tree_flatten(model.trainable_parameters()))))
+        results.append(
+            (loss.item(), dict(tree_flatten(grads)), step_loss.item(), dict(tree_flatten(model.trainable_parameters())))
+        )
         assert all(getattr(b, "_grad_checkpoint", False) == checkpoint for b in model.decoder.blocks)
     (loss_a, grads_a, step_a, weights_a), (loss_b, grads_b, step_b, weights_b) = results
     assert abs(loss_a - loss_b) < 1e-5 and abs(step_a - step_b) < 1e-5
@@ -218,12 +238,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     assert mx.load(str(parts / "resume.safetensors"), return_metadata=True)[1]["step"] == "3"
     assert max(r["step"] for r in metrics(parts)) == 3
     # Differently initialised adapters: everything must come from the resume file.
-    run_training(lora_model(DIMS, lora_seed=5, dropout=0.2), parts, args_for(**args), train_set, val_set, tokenizer,
-                 resume=True)
+    run_training(
+        lora_model(DIMS, lora_seed=5, dropout=0.2), parts, args_for(**args), train_set, val_set, tokenizer, resume=True
+    )
 
     assert_same_weights(read_weights(straight / "adapters.safetensors"), read_weights(parts / "adapters.safetensors"))
-    assert_same_weights(read_weights(straight / "best" / "adapters.safetensors"),
-                        read_weights(parts / "best" / "adapters.safetensors"))
+    assert_same_weights(
+        read_weights(straight / "best" / "adapters.safetensors"), read_weights(parts / "best" / "adapters.safetensors")
+    )
 
     def numbers(folder):
         keys = ("step", "train_loss", "lr", "val_loss", "val_wer", "val_cer")
@@ -271,8 +293,15 @@ def test_nan_loss_stops_before_evaluating_or_saving(tmp_path, tokenizer):
     val_set = text_features(tokenizer, ["hello there"], seed=9)
     args = args_for(iters=10, save_every=2, steps_per_report=10, steps_per_eval=3, best_metric="loss")
     with pytest.raises(TrainingStopped, match=r"^Iter 3: training loss is nan\b.*; stopped without saving"):
-        run_training(lora_model(DIMS), tmp_path, args, train_set, val_set, tokenizer,
-                     batch_source=batches_with_nan_at(train_set, bad_step=3))
+        run_training(
+            lora_model(DIMS),
+            tmp_path,
+            args,
+            train_set,
+            val_set,
+            tokenizer,
+            batch_source=batches_with_nan_at(train_set, bad_step=3),
+        )
     saved = read_weights(tmp_path / "adapters.safetensors")
     assert_same_weights(saved, read_weights(tmp_path / "checkpoints" / "0000002_adapters.safetensors"))
     assert all(np.isfinite(np.array(v)).all() for v in saved.values())
@@ -296,8 +325,10 @@ def test_overflowing_weights_are_never_saved(tmp_path):
     trainer.train_step = step_that_overflows_at_4
     with pytest.raises(TrainingStopped, match=r"^Iter 4: training loss is [0-9.]+, adapter weights not finite"):
         train(trainer, small_vocab_features([3, 4]), [], AdapterFolder(tmp_path, {"lora": {}}))
-    assert_same_weights(read_weights(tmp_path / "adapters.safetensors"),
-                        read_weights(tmp_path / "checkpoints" / "0000002_adapters.safetensors"))
+    assert_same_weights(
+        read_weights(tmp_path / "adapters.safetensors"),
+        read_weights(tmp_path / "checkpoints" / "0000002_adapters.safetensors"),
+    )
 
 
 # ---------------------------------------------------------------- adapter files

@@ -50,8 +50,9 @@ def test_query_padding_changes_nothing(monkeypatch, t_q, t_k, mask):
     monkeypatch.setattr(kernels, "on_cuda", lambda: True)
     padded_rows = spy_on_padding(monkeypatch)
     keys = mx.random.split(mx.random.key(0), 3)
-    q, k, v = (mx.random.normal((2, N_HEAD, t, D_HEAD), key=key).astype(mx.bfloat16)
-               for t, key in zip((t_q, t_k, t_k), keys))
+    q, k, v = (
+        mx.random.normal((2, N_HEAD, t, D_HEAD), key=key).astype(mx.bfloat16) for t, key in zip((t_q, t_k, t_k), keys)
+    )
 
     assert kernels.cudnn_query_padding(t_q, mx.bfloat16, mask, training=False) == 0
     out_plain, grads_plain = _attention_and_grads(q, k, v, mask, training=False)
@@ -61,13 +62,15 @@ def test_query_padding_changes_nothing(monkeypatch, t_q, t_k, mask):
     assert set(padded_rows) == {128 - t_q}  # the padded path did run (keys too when causal)
 
     assert out_padded.shape == out_plain.shape
-    np.testing.assert_allclose(np.array(out_padded.astype(mx.float32)), np.array(out_plain.astype(mx.float32)),
-                               atol=2e-2)
+    np.testing.assert_allclose(
+        np.array(out_padded.astype(mx.float32)), np.array(out_plain.astype(mx.float32)), atol=2e-2
+    )
     for padded, plain in zip(grads_padded, grads_plain):
         assert padded.shape == plain.shape
         scale = float(mx.abs(plain.astype(mx.float32)).max())
-        np.testing.assert_allclose(np.array(padded.astype(mx.float32)), np.array(plain.astype(mx.float32)),
-                                   atol=2e-2 * scale)
+        np.testing.assert_allclose(
+            np.array(padded.astype(mx.float32)), np.array(plain.astype(mx.float32)), atol=2e-2 * scale
+        )
 
 
 def test_query_padding_only_where_cudnn_needs_it(monkeypatch):
@@ -106,12 +109,12 @@ def test_gelu_and_its_backward_match_nn_gelu(monkeypatch, cpu_path, dtype, toler
 
     assert mx.array_equal(gelu(x), gelu_cpu(x) if cpu_path else nn.gelu(x))
     lean, plain = mx.grad(loss(gelu))(x), mx.grad(loss(nn.gelu))(x)
-    np.testing.assert_allclose(np.array(lean.astype(mx.float32)), np.array(plain.astype(mx.float32)),
-                               atol=tolerance, rtol=tolerance)
+    np.testing.assert_allclose(
+        np.array(lean.astype(mx.float32)), np.array(plain.astype(mx.float32)), atol=tolerance, rtol=tolerance
+    )
     # Compiled, as in the training step.
     compiled = mx.compile(mx.grad(loss(gelu)))(x)
-    np.testing.assert_allclose(np.array(compiled.astype(mx.float32)), np.array(lean.astype(mx.float32)),
-                               atol=tolerance)
+    np.testing.assert_allclose(np.array(compiled.astype(mx.float32)), np.array(lean.astype(mx.float32)), atol=tolerance)
 
 
 def test_layer_norm_training_path_equals_fused():
@@ -159,8 +162,9 @@ def test_lora_forward_and_gradients_follow_the_formula():
         return (layer(x) * weights).sum()
 
     params = {"lora_a": layer.lora_a, "lora_b": layer.lora_b}
-    np.testing.assert_allclose(np.array(layer(x)), np.array(base(x) + layer.scale * (x @ layer.lora_a) @ layer.lora_b),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(layer(x)), np.array(base(x) + layer.scale * (x @ layer.lora_a) @ layer.lora_b), atol=1e-5
+    )
     expected, got = mx.grad(reference)(params), mx.grad(ours)(params)
     for name in params:
         np.testing.assert_allclose(np.array(got[name]), np.array(expected[name]), atol=1e-4)

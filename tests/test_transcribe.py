@@ -51,6 +51,7 @@ def noise(seconds: float, seed: int = 0) -> np.ndarray:
 
 # --- segment splitting -------------------------------------------------------------------------
 
+
 def test_split_segments_at_consecutive_timestamps_and_seeks_to_the_last_complete_one():
     tokens = [ts(0), *words(" Hi."), ts(2.0), ts(2.5), *words(" There."), ts(5.0), ts(6.0), *words(" Unfini")]
     segments, advance, single = tr.split_segments(tokens, BEGIN, time_offset=30.0, segment_frames=N_FRAMES)
@@ -76,6 +77,7 @@ def test_split_segments_without_pairs_gives_one_segment():
 
 
 # --- features window by window -------------------------------------------------------------------
+
 
 def reference_log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
     """faster-whisper's whole-file features, written out plainly in float64: (len(audio) // HOP_LENGTH, n_mels).
@@ -118,6 +120,7 @@ def test_open_audio_loads_short_files_and_reports_missing_ones(tmp_path):
 
 # --- the seek loop with a scripted decoder ----------------------------------------------------------
 
+
 class ScriptedTranscriber(tr.Transcriber):
     """The seek loop with the model calls replaced: each window's tokens come from `script(seek)`."""
 
@@ -132,9 +135,15 @@ class ScriptedTranscriber(tr.Transcriber):
     def decode_window(self, features, prompt):
         tokens, temperature, no_speech, *logprob = self.script(self.seek)
         self.calls.append((self.seek, prompt))
-        return DecodingResult(language="en", tokens=tokens, text=TOKENIZER.decode(tokens),
-                              avg_logprob=logprob[0] if logprob else -0.2, no_speech_prob=no_speech,
-                              temperature=temperature, compression_ratio=1.0)
+        return DecodingResult(
+            language="en",
+            tokens=tokens,
+            text=TOKENIZER.decode(tokens),
+            avg_logprob=logprob[0] if logprob else -0.2,
+            no_speech_prob=no_speech,
+            temperature=temperature,
+            compression_ratio=1.0,
+        )
 
 
 def run_script(tiny_model, seconds, script, **options):
@@ -189,8 +198,15 @@ def test_fallback_raises_the_temperature_until_the_thresholds_pass(monkeypatch):
     def fake_decode(model, features, options):
         seen.append(options)
         bad = options.temperature < 0.4
-        return DecodingResult(language="en", tokens=[1], text="x", avg_logprob=-2.0 if bad else -0.1,
-                              no_speech_prob=0.0, temperature=options.temperature, compression_ratio=1.0)
+        return DecodingResult(
+            language="en",
+            tokens=[1],
+            text="x",
+            avg_logprob=-2.0 if bad else -0.1,
+            no_speech_prob=0.0,
+            temperature=options.temperature,
+            compression_ratio=1.0,
+        )
 
     monkeypatch.setattr(tr, "decode", fake_decode)
     options = TranscribeOptions(language="en", beam_size=5, best_of=3)
@@ -201,6 +217,7 @@ def test_fallback_raises_the_temperature_until_the_thresholds_pass(monkeypatch):
 
 
 # --- real (tiny, random) model end to end ---------------------------------------------------------------
+
 
 def test_transcribe_runs_end_to_end_on_a_random_model(tiny_model):
     result = tr.transcribe(tiny_model, noise(40), language="en", temperature=0.0, word_timestamps=True)
@@ -225,22 +242,43 @@ def test_transcribe_batch_matches_one_window_decoding_and_rejects_long_clips(tin
 
 # --- the CLI and its input expansion --------------------------------------------------------------
 
+
 def test_find_inputs_expands_files_folders_and_globs(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.wav", "sub/b.flac", "sub/notes.txt", "c.mp3"):
         (tmp_path / name).write_bytes(b"x")
-    files, errors = find_inputs([str(tmp_path / "sub"), str(tmp_path / "*.wav"), str(tmp_path / "missing.wav"),
-                                 str(tmp_path / "*.ogg"), str(tmp_path / "c.mp3")])
+    files, errors = find_inputs(
+        [
+            str(tmp_path / "sub"),
+            str(tmp_path / "*.wav"),
+            str(tmp_path / "missing.wav"),
+            str(tmp_path / "*.ogg"),
+            str(tmp_path / "c.mp3"),
+        ]
+    )
     assert [f.name for f in files] == ["b.flac", "a.wav", "c.mp3"]
     assert [(e[0].split("/")[-1], e[1]) for e in errors] == [
-        ("missing.wav", "no such file or folder"), ("*.ogg", "no files match this pattern")]
+        ("missing.wav", "no such file or folder"),
+        ("*.ogg", "no files match this pattern"),
+    ]
 
 
 def test_temperature_schedule_and_cli_options():
     assert temperature_schedule(0.0, 0.2) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert temperature_schedule(0.5, None) == (0.5,)
-    args = cli.build_parser().parse_args(["x.wav", "--condition-on-previous-text", "False", "--logprob-threshold",
-                                          "none", "--output-format", "srt,vtt", "--language", "English"])
+    args = cli.build_parser().parse_args(
+        [
+            "x.wav",
+            "--condition-on-previous-text",
+            "False",
+            "--logprob-threshold",
+            "none",
+            "--output-format",
+            "srt,vtt",
+            "--language",
+            "English",
+        ]
+    )
     options = cli.options_from_args(args)
     assert not options.condition_on_previous_text and options.logprob_threshold is None
     assert options.language == "en" and args.output_format == ["srt", "vtt"]
@@ -252,9 +290,14 @@ def test_temperature_schedule_and_cli_options():
 @pytest.fixture
 def canned(monkeypatch):
     """The CLI with a fake model whose transcript is fixed; files named 'bad*' fail to decode."""
-    result = {"text": "Hello there. General Kenobi!", "language": "en", "segments": [
-        {"id": 0, "seek": 0, "start": 0.0, "end": 1.5, "text": " Hello there.", "tokens": []},
-        {"id": 1, "seek": 0, "start": 1.5, "end": 3.25, "text": " General Kenobi!", "tokens": []}]}
+    result = {
+        "text": "Hello there. General Kenobi!",
+        "language": "en",
+        "segments": [
+            {"id": 0, "seek": 0, "start": 0.0, "end": 1.5, "text": " Hello there.", "tokens": []},
+            {"id": 1, "seek": 0, "start": 1.5, "end": 3.25, "text": " General Kenobi!", "tokens": []},
+        ],
+    }
 
     class FakeTranscriber:
         def __init__(self, model, options):
@@ -275,8 +318,18 @@ def test_cli_reports_bad_files_carries_on_and_exits_non_zero(tmp_path, canned, c
     for name in ("good.wav", "bad.wav", "other.flac"):
         (tmp_path / name).write_bytes(b"x")
     out = tmp_path / "out"
-    code = cli.main([str(tmp_path / "good.wav"), str(tmp_path / "missing.wav"), str(tmp_path / "bad.wav"),
-                     str(tmp_path / "other.flac"), "--output-dir", str(out), "--output-format", "all"])
+    code = cli.main(
+        [
+            str(tmp_path / "good.wav"),
+            str(tmp_path / "missing.wav"),
+            str(tmp_path / "bad.wav"),
+            str(tmp_path / "other.flac"),
+            "--output-dir",
+            str(out),
+            "--output-format",
+            "all",
+        ]
+    )
     assert code != 0
     err = capsys.readouterr().err
     assert "missing.wav: no such file or folder" in err and "bad.wav" in err and "could not decode" in err
@@ -306,9 +359,21 @@ def test_cli_names_outputs_of_same_named_inputs_apart(tmp_path, canned):
 def test_cli_transcribes_with_a_real_model_folder(tmp_path, model_folder, monkeypatch):
     monkeypatch.setenv(NO_REEXEC_ENV, "1")
     soundfile.write(tmp_path / "tone.wav", noise(2), SAMPLE_RATE)
-    code = cli.main([str(tmp_path / "tone.wav"), "--model", str(model_folder), "--language", "en",
-                     "--temperature-increment-on-fallback", "none", "--output-format", "json",
-                     "--output-dir", str(tmp_path)])
+    code = cli.main(
+        [
+            str(tmp_path / "tone.wav"),
+            "--model",
+            str(model_folder),
+            "--language",
+            "en",
+            "--temperature-increment-on-fallback",
+            "none",
+            "--output-format",
+            "json",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "tone.json").read_text(encoding="utf-8"))
     assert result["language"] == "en" and isinstance(result["segments"], list)

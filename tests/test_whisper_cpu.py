@@ -41,8 +41,10 @@ def test_rational_gelu_matches_the_exact_gelu():
 
 @pytest.mark.parametrize("t_q", [1, 80])
 def test_exp2_attention_matches_scaled_dot_product_attention(t_q):
-    q, k, v = (2 * mx.random.normal(shape, key=mx.random.key(i))
-               for i, shape in enumerate([(2, 3, t_q, 16), (2, 3, 200, 16), (2, 3, 200, 16)]))
+    q, k, v = (
+        2 * mx.random.normal(shape, key=mx.random.key(i))
+        for i, shape in enumerate([(2, 3, t_q, 16), (2, 3, 200, 16), (2, 3, 200, 16)])
+    )
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
     assert mx.allclose(kernels.attend_exp2(q, k, v, 0.25), expected, atol=1e-5).item()
 
@@ -88,8 +90,9 @@ def test_reordered_cache_follows_its_rows_as_in_beam_search(model, features):
     _, cache, _ = model.decoder(tokens, same_audio)
     cache = _rearrange_cache(cache, mx.array([1, 1]))  # both beams continue the second one
     logits = model.decoder(mx.array([[6], [257]]), same_audio, cache)[0]
-    expected = model.decoder(mx.array([[50258, 50259, 50359, 1029, 6], [50258, 50259, 50359, 1029, 257]]),
-                             same_audio)[0][:, -1:]
+    expected = model.decoder(mx.array([[50258, 50259, 50359, 1029, 6], [50258, 50259, 50359, 1029, 257]]), same_audio)[
+        0
+    ][:, -1:]
     assert mx.allclose(logits, expected, atol=1e-4).item()
 
 

@@ -14,16 +14,43 @@ RESULT = {
     "text": " Hello there. Ọ̀rọ̀ Yorùbá --> ok",
     "language": "en",
     "segments": [
-        {"id": 0, "start": 0.0, "end": 2.5, "text": " Hello there.", "tokens": [1, 2],
-         "avg_logprob": -0.2, "no_speech_prob": 0.01, "compression_ratio": 1.1,
-         "temperature": 0.0,
-         "words": [{"word": " Hello", "start": 0.0, "end": 1.0, "probability": 0.9},
-                   {"word": " there.", "start": 1.0, "end": 2.5, "probability": 0.8}]},
-        {"id": 1, "start": 2.5, "end": 3.0, "text": "  ", "tokens": [], "avg_logprob": -1.0,
-         "no_speech_prob": 0.9, "compression_ratio": 0.0, "temperature": 0.0},
-        {"id": 2, "start": 3661.0016, "end": 3725.5, "text": " Ọ̀rọ̀ Yorùbá -->\n\n\tok",
-         "tokens": [3], "avg_logprob": -0.5, "no_speech_prob": 0.1,
-         "compression_ratio": 1.0, "temperature": 0.2},
+        {
+            "id": 0,
+            "start": 0.0,
+            "end": 2.5,
+            "text": " Hello there.",
+            "tokens": [1, 2],
+            "avg_logprob": -0.2,
+            "no_speech_prob": 0.01,
+            "compression_ratio": 1.1,
+            "temperature": 0.0,
+            "words": [
+                {"word": " Hello", "start": 0.0, "end": 1.0, "probability": 0.9},
+                {"word": " there.", "start": 1.0, "end": 2.5, "probability": 0.8},
+            ],
+        },
+        {
+            "id": 1,
+            "start": 2.5,
+            "end": 3.0,
+            "text": "  ",
+            "tokens": [],
+            "avg_logprob": -1.0,
+            "no_speech_prob": 0.9,
+            "compression_ratio": 0.0,
+            "temperature": 0.0,
+        },
+        {
+            "id": 2,
+            "start": 3661.0016,
+            "end": 3725.5,
+            "text": " Ọ̀rọ̀ Yorùbá -->\n\n\tok",
+            "tokens": [3],
+            "avg_logprob": -0.5,
+            "no_speech_prob": 0.1,
+            "compression_ratio": 1.0,
+            "temperature": 0.2,
+        },
     ],
 }
 
@@ -46,8 +73,12 @@ def test_all_formats(tmp_path):
     assert out["txt"] == "Hello there.\n\nỌ̀rọ̀ Yorùbá -->\n\n\tok\n"  # blank segment: empty line
     assert json.loads(out["json"]) == RESULT
     assert "Ọ̀rọ̀" in out["json"]  # written as UTF-8, not \u escapes
-    assert out["tsv"].splitlines() == ["start\tend\ttext", "0\t2500\tHello there.", "2500\t3000\t",
-                                       "3661002\t3725500\tỌ̀rọ̀ Yorùbá --> ok"]
+    assert out["tsv"].splitlines() == [
+        "start\tend\ttext",
+        "0\t2500\tHello there.",
+        "2500\t3000\t",
+        "3661002\t3725500\tỌ̀rọ̀ Yorùbá --> ok",
+    ]
 
     subs = list(srt.parse(out["srt"]))  # the blank segment is skipped, '-->' defused
     assert [s.index for s in subs] == [1, 2]
@@ -57,8 +88,7 @@ def test_all_formats(tmp_path):
 
     assert out["vtt"].startswith("WEBVTT\n\n")
     cues = webvtt.from_string(out["vtt"])
-    assert [(c.start, c.end) for c in cues] == [("00:00:00.000", "00:00:02.500"),
-                                                ("01:01:01.002", "01:02:05.500")]
+    assert [(c.start, c.end) for c in cues] == [("00:00:00.000", "00:00:02.500"), ("01:01:01.002", "01:02:05.500")]
     assert cues[1].text == "Ọ̀rọ̀ Yorùbá ->\nok"
 
 
@@ -80,11 +110,19 @@ def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o640
 
 
-@pytest.mark.parametrize("evil,stem", [
-    ("../../evil.wav", "evil"), ("/etc/evil.wav", "evil"), ("..\\..\\evil.wav", "evil"),
-    ("a/b/../evil.mp3", "evil"), ("evil", "evil"), (".hidden.wav", ".hidden"),
-    ("dir/", "dir"), ("nul\0l.wav", "null"),
-])
+@pytest.mark.parametrize(
+    "evil,stem",
+    [
+        ("../../evil.wav", "evil"),
+        ("/etc/evil.wav", "evil"),
+        ("..\\..\\evil.wav", "evil"),
+        ("a/b/../evil.mp3", "evil"),
+        ("evil", "evil"),
+        (".hidden.wav", ".hidden"),
+        ("dir/", "dir"),
+        ("nul\0l.wav", "null"),
+    ],
+)
 def test_names_stay_inside_output_dir(tmp_path, evil, stem):
     out_dir = tmp_path / "a" / "out"
     paths = write_result(RESULT, out_dir, evil, ["txt", "json"])

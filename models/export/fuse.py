@@ -78,8 +78,9 @@ def quantization_of(model: nn.Module) -> Optional[dict]:
     return None
 
 
-def fuse_adapters(model_path: str, adapter_path: str, dtype: Optional[mx.Dtype] = None,
-                  dequantize: bool = False) -> Tuple[Whisper, dict]:
+def fuse_adapters(
+    model_path: str, adapter_path: str, dtype: Optional[mx.Dtype] = None, dequantize: bool = False
+) -> Tuple[Whisper, dict]:
     """The base model with every LoRA layer of `adapter_path` merged in, and the adapter config.
 
     The LoRA layers are rebuilt from adapter_config.json (`load_adapters`), then fused.
@@ -89,8 +90,11 @@ def fuse_adapters(model_path: str, adapter_path: str, dtype: Optional[mx.Dtype] 
     adapter_config = read_adapter_config(Path(adapter_path))
     recorded = adapter_config.get("base_model")
     if recorded is not None and not _same_model(str(recorded), str(model_path)):
-        warnings.warn(f"{adapter_path}: the adapters were trained on {recorded!r}; fusing them into "
-                      f"{model_path!r} (the model sizes are checked, the weights cannot be)")
+        warnings.warn(
+            f"{adapter_path}: the adapters were trained on {recorded!r}; fusing them into "
+            f"{model_path!r} (the model sizes are checked, the weights cannot be)",
+            stacklevel=2,
+        )
     # Cast before merging: W + scale * (A @ B).T is rounded once, to the dtype written.
     model = load_model(model_path, dtype=dtype)
     base_quantized = quantization_of(model) is not None
@@ -124,13 +128,50 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def model_card(adapter_config: dict, base_model: str, adapter_path: str, dtype: mx.Dtype,
-               quantization: Optional[dict], library: str = "mlx") -> str:
+def _usage_lines(library: str, language: Optional[str]) -> list:
+    """The model card's "how to run it" code block."""
+    if library == "mlx":
+        return [
+            "```python",
+            "import mlx_whisper",
+            "",
+            'result = mlx_whisper.transcribe("audio.flac", path_or_hf_repo="PATH_OR_REPO"'
+            + (f', language="{language}"' if language else "")
+            + ")",
+            "```",
+            "",
+        ]
+    return [
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'asr = pipeline("automatic-speech-recognition", model="PATH_OR_REPO")',
+        'asr("audio.flac")',
+        "```",
+        "",
+    ]
+
+
+def model_card(
+    adapter_config: dict,
+    base_model: str,
+    adapter_path: str,
+    dtype: mx.Dtype,
+    quantization: Optional[dict],
+    library: str = "mlx",
+) -> str:
     """README.md of a fused model: base model, data and adapter settings, and how to run it."""
     lora, training = adapter_config.get("lora", {}), adapter_config.get("training", {})
     language = adapter_config.get("language")
-    header = ["---", f"library_name: {library}", "pipeline_tag: automatic-speech-recognition",
-              "tags:", "- whisper", "- lora", f"- {library}"]
+    header = [
+        "---",
+        f"library_name: {library}",
+        "pipeline_tag: automatic-speech-recognition",
+        "tags:",
+        "- whisper",
+        "- lora",
+        f"- {library}",
+    ]
     if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not Path(base_model).exists():
         header.append(f"base_model: {base_model}")
     if language is not None:
@@ -139,30 +180,31 @@ def model_card(adapter_config: dict, base_model: str, adapter_path: str, dtype: 
     blocks = "all" if lora.get("num_layers", -1) == -1 else f"the last {lora.get('num_layers')}"
     stacks = "decoder" if lora.get("freeze_encoder") else "encoder and decoder"
     scale = "alpha / rank" if lora.get("scale") is None else lora["scale"]
-    settings = (f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, scale {scale}, "
-                f"dropout {lora.get('dropout')}, on {', '.join(lora.get('targets', []))} "
-                f"of {blocks} {stacks} blocks")
+    settings = (
+        f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, scale {scale}, "
+        f"dropout {lora.get('dropout')}, on {', '.join(lora.get('targets', []))} "
+        f"of {blocks} {stacks} blocks"
+    )
     lines = header + [
-        "", "# Whisper fine-tuned with LoRA (fused)", "",
+        "",
+        "# Whisper fine-tuned with LoRA (fused)",
+        "",
         f"- Base model: `{base_model}` (adapters were trained on `{adapter_config.get('base_model')}`)",
         f"- Training data: `{adapter_config.get('data')}`" + (f", language `{language}`" if language else ""),
         f"- Adapters: `{adapter_path}`; LoRA {settings}",
         f"- Training: iters {training.get('iters')}, batch size {training.get('batch_size')}, "
         f"learning rate {training.get('learning_rate')}",
         f"- Weights: {dtype_name(dtype)}"
-        + (f", quantized to {quantization['bits']} bits (group size {quantization['group_size']})"
-           if quantization else ""),
-        "", "Written by `fuse.py`: the adapters are merged into the weights, so no adapter files are needed.", "",
+        + (
+            f", quantized to {quantization['bits']} bits (group size {quantization['group_size']})"
+            if quantization
+            else ""
+        ),
+        "",
+        "Written by `fuse.py`: the adapters are merged into the weights, so no adapter files are needed.",
+        "",
     ]
-    if library == "mlx":
-        lines += ["```python", "import mlx_whisper", "",
-                  'result = mlx_whisper.transcribe("audio.flac", path_or_hf_repo="PATH_OR_REPO"'
-                  + (f', language="{language}"' if language else "") + ")", "```", ""]
-    else:
-        lines += ["```python", "from transformers import pipeline", "",
-                  'asr = pipeline("automatic-speech-recognition", model="PATH_OR_REPO")', 'asr("audio.flac")',
-                  "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _usage_lines(library, language))
 
 
 def save_mlx_folder(model: Whisper, folder: Path, card: str, force: bool = False) -> None:
@@ -179,8 +221,12 @@ def upload_folder(folder: Path, repo_id: str, api=None) -> str:
 
     api = api if api is not None else HfApi()
     url = api.create_repo(repo_id=repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                      commit_message="Upload Whisper model fused with LoRA adapters (fuse.py)")
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload Whisper model fused with LoRA adapters (fuse.py)",
+    )
     return str(url)
 
 
@@ -190,19 +236,22 @@ def run(config: FuseConfig, log=print) -> None:
 
     check_outputs(config)
     dtype = getattr(mx, config.dtype) if config.dtype is not None else None
-    model, adapter_config = fuse_adapters(config.model, config.adapter_path, dtype,
-                                          dequantize=config.dequantize or config.quantize)
+    model, adapter_config = fuse_adapters(
+        config.model, config.adapter_path, dtype, dequantize=config.dequantize or config.quantize
+    )
     log(f"Fused {config.adapter_path} into {config.model} ({dtype_name(model.dtype)})")
 
     def card(library: str) -> str:
-        return model_card(adapter_config, config.model, config.adapter_path, model.dtype,
-                          quantization_of(model), library)
+        return model_card(
+            adapter_config, config.model, config.adapter_path, model.dtype, quantization_of(model), library
+        )
 
     if config.export_hf is not None:  # before quantizing: transformers wants float weights
         if quantization_of(model) is not None:
             raise ValueError("--export-hf needs float weights, and this base model is quantized: add --dequantize")
-        save_hf_folder(model, Path(config.export_hf), card("transformers"), adapter_config.get("language"),
-                       force=config.force)
+        save_hf_folder(
+            model, Path(config.export_hf), card("transformers"), adapter_config.get("language"), force=config.force
+        )
         log(f"Wrote the transformers model to {config.export_hf}")
     if config.quantize:
         q = quantize_model(model, config.q_bits, config.q_group_size)

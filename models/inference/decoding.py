@@ -306,11 +306,18 @@ class DecodingTask:
         for i, group in enumerate(sequences):
             tokens, logprob = max(group, key=lambda c: self._penalised(c[1], max(len(c[0]), 1)))
             text = self.tokenizer.decode(tokens).strip()
-            results.append(DecodingResult(
-                language=languages[i], tokens=tokens, text=text, avg_logprob=float(logprob) / (len(tokens) + 1),
-                no_speech_prob=float(no_speech[i]), temperature=self.options.temperature,
-                compression_ratio=compression_ratio(text), language_probs=language_probs[i],
-            ))
+            results.append(
+                DecodingResult(
+                    language=languages[i],
+                    tokens=tokens,
+                    text=text,
+                    avg_logprob=float(logprob) / (len(tokens) + 1),
+                    no_speech_prob=float(no_speech[i]),
+                    temperature=self.options.temperature,
+                    compression_ratio=compression_ratio(text),
+                    language_probs=language_probs[i],
+                )
+            )
         return results
 
 
@@ -325,8 +332,9 @@ def decode(
     return results[0] if single else results
 
 
-def decode_batches(model: Whisper, windows: Sequence[np.ndarray], options: DecodingOptions,
-                   batch_size: int) -> List[DecodingResult]:
+def decode_batches(
+    model: Whisper, windows: Sequence[np.ndarray], options: DecodingOptions, batch_size: int
+) -> List[DecodingResult]:
     """Decode many 30 s windows (mel or encoder output each), `batch_size` per forward pass."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

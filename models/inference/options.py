@@ -69,20 +69,26 @@ class TranscribeOptions:
         """Beam search only at temperature 0, best-of sampling only above it (as OpenAI does)."""
         greedy = temperature == 0
         return DecodingOptions(
-            task=self.task, language=self.language, temperature=temperature,
-            beam_size=self.beam_size if greedy else None, patience=self.patience if greedy else None,
-            best_of=None if greedy else self.best_of, length_penalty=self.length_penalty,
+            task=self.task,
+            language=self.language,
+            temperature=temperature,
+            beam_size=self.beam_size if greedy else None,
+            patience=self.patience if greedy else None,
+            best_of=None if greedy else self.best_of,
+            length_penalty=self.length_penalty,
             prompt=prompt or None,  # an empty prompt must not add <|startofprev|>
             without_timestamps=self.without_timestamps,
         )
 
     def needs_fallback(self, result: DecodingResult) -> bool:
         """Too repetitive or too unlikely, unless the window is silence anyway."""
-        too_repetitive = (self.compression_ratio_threshold is not None
-                          and result.compression_ratio > self.compression_ratio_threshold)
+        too_repetitive = (
+            self.compression_ratio_threshold is not None and result.compression_ratio > self.compression_ratio_threshold
+        )
         too_unlikely = self.logprob_threshold is not None and result.avg_logprob < self.logprob_threshold
-        silent = (self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
-                  and too_unlikely)
+        silent = (
+            self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold and too_unlikely
+        )
         return (too_repetitive or too_unlikely) and not silent
 
     def is_silence(self, result: DecodingResult) -> bool:

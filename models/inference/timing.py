@@ -83,8 +83,9 @@ def _backtrace(trace: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return path[:, 0], path[:, 1]
 
 
-def _attention_matrix(qks: Sequence[mx.array], heads: np.ndarray, num_frames: int, medfilt_width: int,
-                      qk_scale: float) -> np.ndarray:
+def _attention_matrix(
+    qks: Sequence[mx.array], heads: np.ndarray, num_frames: int, medfilt_width: int, qk_scale: float
+) -> np.ndarray:
     """(tokens, audio positions) alignment strength, averaged over the alignment heads."""
     weights = np.stack([np.array(qks[layer][0, head], dtype=np.float32) for layer, head in heads])
     weights = weights[:, :, : num_frames // 2] * qk_scale  # (heads, tokens, positions of the speech)
@@ -95,8 +96,16 @@ def _attention_matrix(qks: Sequence[mx.array], heads: np.ndarray, num_frames: in
     return median_filter(weights, medfilt_width).mean(axis=0)
 
 
-def find_alignment(model: Whisper, tokenizer: Tokenizer, text_tokens: List[int], mel_or_features: mx.array,
-                   num_frames: int, *, medfilt_width: int = 7, qk_scale: float = 1.0) -> List[WordTiming]:
+def find_alignment(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    text_tokens: List[int],
+    mel_or_features: mx.array,
+    num_frames: int,
+    *,
+    medfilt_width: int = 7,
+    qk_scale: float = 1.0,
+) -> List[WordTiming]:
     """Word timings (relative to the window) of `text_tokens` spoken in one 30 s window.
 
     `num_frames` is how many mel frames of the window hold audio (the rest is padding).
@@ -167,8 +176,14 @@ def _segment_words(alignment: List[WordTiming], word_index: int, n_tokens: int, 
     while word_index < len(alignment) and saved_tokens < n_tokens:
         timing = alignment[word_index]
         if timing.word:
-            words.append(dict(word=timing.word, start=round(time_offset + timing.start, 2),
-                              end=round(time_offset + timing.end, 2), probability=timing.probability))
+            words.append(
+                dict(
+                    word=timing.word,
+                    start=round(time_offset + timing.start, 2),
+                    end=round(time_offset + timing.end, 2),
+                    probability=timing.probability,
+                )
+            )
         saved_tokens += len(timing.tokens)
         word_index += 1
     return words, word_index
@@ -178,7 +193,8 @@ def _fit_segment_edges(segment: dict, words: List[dict], last_speech: float, med
     """Reconcile the first/last word with the segment's own timestamps (OpenAI's heuristics)."""
     longest = median * 2
     first_too_long = words[0]["end"] - words[0]["start"] > longest or (
-        len(words) > 1 and words[1]["end"] - words[0]["start"] > longest * 2)
+        len(words) > 1 and words[1]["end"] - words[0]["start"] > longest * 2
+    )
     if words[0]["end"] - last_speech > median * 4 and first_too_long:  # first words after a pause
         if len(words) > 1 and words[1]["end"] - words[1]["start"] > longest:
             boundary = max(words[1]["end"] / 2, words[1]["end"] - longest)
@@ -203,10 +219,19 @@ def make_monotonic(words: List[dict], lower: float, upper: float) -> None:
         previous_end = word["end"]
 
 
-def add_word_timestamps(segments: List[dict], model: Whisper, tokenizer: Tokenizer, mel: mx.array,
-                        num_frames: int, *, prepend_punctuations: str = PREPEND_PUNCTUATIONS,
-                        append_punctuations: str = APPEND_PUNCTUATIONS, last_speech_timestamp: float = 0.0,
-                        end_time: float = float("inf"), **alignment_options) -> None:
+def add_word_timestamps(
+    segments: List[dict],
+    model: Whisper,
+    tokenizer: Tokenizer,
+    mel: mx.array,
+    num_frames: int,
+    *,
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
+    append_punctuations: str = APPEND_PUNCTUATIONS,
+    last_speech_timestamp: float = 0.0,
+    end_time: float = float("inf"),
+    **alignment_options,
+) -> None:
     """Give each segment of one window a "words" list of {word, start, end, probability} (in place).
 
     `mel` is the window's mel (or its encoder output); segments hold "seek", "start", "end" and

@@ -40,8 +40,10 @@ INPUT_STRIDE = N_SAMPLES_PER_TOKEN // HOP_LENGTH  # mel frames per audio positio
 
 # --- One window's decoding ------------------------------------------------------------------
 
-def decode_with_fallback(model: Whisper, features: mx.array, options: TranscribeOptions,
-                         prompt: Optional[List[int]] = None) -> DecodingResult:
+
+def decode_with_fallback(
+    model: Whisper, features: mx.array, options: TranscribeOptions, prompt: Optional[List[int]] = None
+) -> DecodingResult:
     """Decode one window at each temperature in turn until the result passes the thresholds."""
     result = None
     for temperature in options.temperature:
@@ -53,8 +55,10 @@ def decode_with_fallback(model: Whisper, features: mx.array, options: Transcribe
 
 # --- Segments from timestamp tokens ---------------------------------------------------------
 
-def split_segments(tokens: Sequence[int], timestamp_begin: int, time_offset: float,
-                   segment_frames: int) -> Tuple[List[Tuple[float, float, List[int]]], int, bool]:
+
+def split_segments(
+    tokens: Sequence[int], timestamp_begin: int, time_offset: float, segment_frames: int
+) -> Tuple[List[Tuple[float, float, List[int]]], int, bool]:
     """Cut one window's tokens into (start, end, tokens) segments at consecutive timestamp pairs.
 
     Returns the segments, how many mel frames to advance, and whether the tokens end with a
@@ -86,6 +90,7 @@ def split_segments(tokens: Sequence[int], timestamp_begin: int, time_offset: flo
 
 
 # --- The seek loop ----------------------------------------------------------------------------
+
 
 @dataclass
 class _LoopState:
@@ -153,7 +158,7 @@ class Transcriber:
         finally:
             source.close()
         tokenizer = tokenizer_for(self.model, language, self.options.task)
-        text = tokenizer.decode(state.all_tokens[state.prompt_length:]).strip()
+        text = tokenizer.decode(state.all_tokens[state.prompt_length :]).strip()
         return {"text": text, "segments": state.segments, "language": language}
 
     def _seek_loop(self, windows: MelWindows, language: str, progress: bool) -> _LoopState:
@@ -179,15 +184,17 @@ class Transcriber:
         segment_frames = min(N_FRAMES, windows.content_frames - seek)
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
         features = self.features_at(windows, seek)
-        prompt = state.all_tokens[state.prompt_reset_since:]
+        prompt = state.all_tokens[state.prompt_reset_since :]
         result = self.decode_window(features, prompt)
         if options.is_silence(result):
             state.seek = seek + segment_frames
             return
         pieces, advance, single_ending = split_segments(
-            result.tokens, tokenizer.timestamp_begin, time_offset, segment_frames)
-        segments = [_new_segment(seek, start, end, tokens, result, tokenizer, windows.duration)
-                    for start, end, tokens in pieces]
+            result.tokens, tokenizer.timestamp_begin, time_offset, segment_frames
+        )
+        segments = [
+            _new_segment(seek, start, end, tokens, result, tokenizer, windows.duration) for start, end, tokens in pieces
+        ]
         # Instantaneous segments (or ones past the end of the audio) and empty ones carry no speech.
         segments = [s for s in segments if s["start"] < s["end"] and s["text"].strip()]
         new_seek = seek + advance
@@ -207,10 +214,15 @@ class Transcriber:
 
     def _time_words(self, segments, tokenizer, features, segment_frames, windows, state) -> Optional[float]:
         add_word_timestamps(
-            segments, self.model, tokenizer, features, segment_frames,
+            segments,
+            self.model,
+            tokenizer,
+            features,
+            segment_frames,
             prepend_punctuations=self.options.prepend_punctuations,
             append_punctuations=self.options.append_punctuations,
-            last_speech_timestamp=state.last_speech_timestamp, end_time=windows.duration,
+            last_speech_timestamp=state.last_speech_timestamp,
+            end_time=windows.duration,
         )
         ends = [w["end"] for s in segments for w in s["words"]]
         if len(ends) == 0:
@@ -231,14 +243,20 @@ def _drop_after(segments: List[dict], time: float) -> List[dict]:
     return kept
 
 
-def _new_segment(seek: int, start: float, end: float, tokens: List[int], result: DecodingResult,
-                 tokenizer, duration: float) -> dict:
+def _new_segment(
+    seek: int, start: float, end: float, tokens: List[int], result: DecodingResult, tokenizer, duration: float
+) -> dict:
     return {
-        "id": 0, "seek": seek,
-        "start": round(min(start, duration), 3), "end": round(min(end, duration), 3),
-        "text": tokenizer.decode([t for t in tokens if t < tokenizer.eot]), "tokens": list(tokens),
-        "temperature": result.temperature, "avg_logprob": result.avg_logprob,
-        "compression_ratio": result.compression_ratio, "no_speech_prob": result.no_speech_prob,
+        "id": 0,
+        "seek": seek,
+        "start": round(min(start, duration), 3),
+        "end": round(min(end, duration), 3),
+        "text": tokenizer.decode([t for t in tokens if t < tokenizer.eot]),
+        "tokens": list(tokens),
+        "temperature": result.temperature,
+        "avg_logprob": result.avg_logprob,
+        "compression_ratio": result.compression_ratio,
+        "no_speech_prob": result.no_speech_prob,
     }
 
 
@@ -255,6 +273,7 @@ def transcribe(model: Whisper, audio: Union[str, Path, np.ndarray], **options) -
 
 # --- Many short clips at once ------------------------------------------------------------------
 
+
 def _clip_window(clip: Union[str, Path, np.ndarray], n_mels: int) -> Tuple[np.ndarray, float]:
     windows = MelWindows(ArraySource(clip if isinstance(clip, np.ndarray) else load_audio(clip)), n_mels)
     if windows.content_frames > N_FRAMES:
@@ -263,8 +282,12 @@ def _clip_window(clip: Union[str, Path, np.ndarray], n_mels: int) -> Tuple[np.nd
     return windows.window(0), windows.duration
 
 
-def transcribe_batch(model: Whisper, clips: Sequence[Union[str, Path, np.ndarray]],
-                     options: DecodingOptions = DecodingOptions(), batch_size: int = 8) -> List[dict]:
+def transcribe_batch(
+    model: Whisper,
+    clips: Sequence[Union[str, Path, np.ndarray]],
+    options: DecodingOptions = DecodingOptions(),
+    batch_size: int = 8,
+) -> List[dict]:
     """Transcribe clips of at most 30 s each, `batch_size` windows per forward pass.
 
     One decode per clip with `options` (no temperature fallback, no timestamps): the fast

@@ -80,8 +80,7 @@ def format_json(result: dict) -> str:
     return json.dumps(result, ensure_ascii=False) + "\n"
 
 
-FORMATTERS = {"txt": format_txt, "srt": format_srt, "vtt": format_vtt,
-              "tsv": format_tsv, "json": format_json}
+FORMATTERS = {"txt": format_txt, "srt": format_srt, "vtt": format_vtt, "tsv": format_tsv, "json": format_json}
 
 
 def expand_formats(formats: Iterable[str]) -> list[str]:
@@ -107,13 +106,13 @@ def output_stem(input_path: str | os.PathLike) -> str:
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     stem = stem.replace("\0", "")
     if stem.strip(".") == "":
-        raise ValueError(f"cannot name output files after {str(input_path)!r}: "
-                         "its file name is empty or only dots")
+        raise ValueError(f"cannot name output files after {str(input_path)!r}: its file name is empty or only dots")
     return stem
 
 
-def write_result(result: dict, output_dir: str | os.PathLike, input_path: str | os.PathLike,
-                 formats: Iterable[str]) -> list[Path]:
+def write_result(
+    result: dict, output_dir: str | os.PathLike, input_path: str | os.PathLike, formats: Iterable[str]
+) -> list[Path]:
     """Write `result` as `<output_dir>/<stem of input_path>.<fmt>` for each format.
 
     Creates `output_dir` if needed and returns the paths written.

@@ -1,14 +1,14 @@
 """The adapter folder: the one place that names its files and reads or writes them.
 
-    ADAPTER_PATH/
-      adapters.safetensors   LoRA tensors of the last saved step
-      adapter_config.json    everything needed to rebuild the layers (+ base model, training flags)
-      best/                  the same two files for the best validation score
-      checkpoints/           NNNNNNN_adapters.safetensors every --save-every steps (+ the config)
-      resume.safetensors     adapters + optimizer + RNG + step, for --resume
-      metrics.jsonl          one JSON object per report or evaluation
-      loss.png               loss and validation CER curves
-      test_predictions.jsonl predictions of lora.py --test
+ADAPTER_PATH/
+  adapters.safetensors   LoRA tensors of the last saved step
+  adapter_config.json    everything needed to rebuild the layers (+ base model, training flags)
+  best/                  the same two files for the best validation score
+  checkpoints/           NNNNNNN_adapters.safetensors every --save-every steps (+ the config)
+  resume.safetensors     adapters + optimizer + RNG + step, for --resume
+  metrics.jsonl          one JSON object per report or evaluation
+  loss.png               loss and validation CER curves
+  test_predictions.jsonl predictions of lora.py --test
 """
 
 import fcntl
@@ -42,9 +42,22 @@ PREDICTIONS_FILE = "test_predictions.jsonl"
 LOCK_INFO = ".lock"  # who holds the folder's lock, for the message a second run prints
 # Everything this project writes into an adapter folder (temp files of atomic writes included);
 # --overwrite refuses a folder holding anything else.
-FILES_WRITTEN = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, f"{BEST}/{ADAPTER_WEIGHTS}", f"{BEST}/{ADAPTER_CONFIG}",
-                 f"{CHECKPOINTS}/*_{ADAPTER_WEIGHTS}", f"{CHECKPOINTS}/{ADAPTER_CONFIG}", RESUME_FILE, METRICS_FILE,
-                 LOSS_PLOT, PREDICTIONS_FILE, LOCK_INFO, ".*.tmp", f"{BEST}/.*.tmp", f"{CHECKPOINTS}/.*.tmp")
+FILES_WRITTEN = (
+    ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG,
+    f"{BEST}/{ADAPTER_WEIGHTS}",
+    f"{BEST}/{ADAPTER_CONFIG}",
+    f"{CHECKPOINTS}/*_{ADAPTER_WEIGHTS}",
+    f"{CHECKPOINTS}/{ADAPTER_CONFIG}",
+    RESUME_FILE,
+    METRICS_FILE,
+    LOSS_PLOT,
+    PREDICTIONS_FILE,
+    LOCK_INFO,
+    ".*.tmp",
+    f"{BEST}/.*.tmp",
+    f"{CHECKPOINTS}/.*.tmp",
+)
 # The adapter_config.json keys a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("base_model", "model_dims", "lora")
 
@@ -86,12 +99,17 @@ class AdapterFolder:
                 who = f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
             except (OSError, ValueError, KeyError):
                 who = "a process that is just starting or stopping"
-            raise AdapterFolderBusy(f"{self.path} is in use by another lora.py run ({who}); wait for it to end, "
-                                    f"or choose another --adapter-path") from None
+            raise AdapterFolderBusy(
+                f"{self.path} is in use by another lora.py run ({who}); wait for it to end, "
+                f"or choose another --adapter-path"
+            ) from None
         info = self.path / LOCK_INFO
         try:
-            info.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            info.write_text(
+                json.dumps(
+                    {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                )
+            )
             yield self
         finally:
             info.unlink(missing_ok=True)
@@ -114,6 +132,7 @@ class AdapterFolder:
 
 def resume_mismatch(saved: dict, wanted: dict) -> list:
     """The RESUME_KEYS settings (flattened, e.g. "lora.rank") on which two adapter configs differ."""
+
     def flat(config: dict) -> dict:
         out = {}
         for key in RESUME_KEYS:
@@ -125,8 +144,11 @@ def resume_mismatch(saved: dict, wanted: dict) -> list:
         return out
 
     a, b = flat(saved), flat(wanted)
-    return [f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def save_adapters(model: nn.Module, folder: Path, config: dict) -> None:
@@ -150,7 +172,8 @@ def _check_adapter_tensors(path: Path, weights: dict, expected: dict) -> None:
             raise ModelLoadError(f"{path}: unexpected tensor {key}; the adapter config does not describe it")
         if weights[key].shape != expected[key].shape:
             raise ModelLoadError(
-                f"{path}: tensor {key} has shape {tuple(weights[key].shape)}, this model needs {tuple(expected[key].shape)}"
+                f"{path}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                f"this model needs {tuple(expected[key].shape)}"
             )
 
 
@@ -209,12 +232,12 @@ def load_resume_state(folder: AdapterFolder, model: nn.Module, optimizer, world=
         raise FileNotFoundError(f"{path}: nothing to resume from; train without --resume first")
     arrays, metadata = mx.load(io.BytesIO(data), format="safetensors", return_metadata=True)
     mx.eval(arrays)
-    model_weights = [(k[len("model."):], v) for k, v in arrays.items() if k.startswith("model.")]
+    model_weights = [(k[len("model.") :], v) for k, v in arrays.items() if k.startswith("model.")]
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if {k for k, _ in model_weights} != expected:
         raise ValueError(f"{path}: its adapters do not match the LoRA settings of this run; use the same flags")
     model.load_weights(model_weights, strict=False)
-    optimizer_state = [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    optimizer_state = [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
     # In place: the compiled steps hold this very dict (a new one would be invisible to them).
     optimizer.state.clear()
     optimizer.state.update(tree_unflatten(optimizer_state))

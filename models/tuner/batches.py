@@ -43,9 +43,14 @@ class Batch:
     sources: List[str]
 
 
-def prepare_examples(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int,
-                     default_language: Optional[str], max_label_tokens: int = MAX_LABEL_TOKENS,
-                     verbose: bool = True) -> Tuple[List[Features], DropReport]:
+def prepare_examples(
+    examples: Iterable[Example],
+    tokenizer: Tokenizer,
+    n_mels: int,
+    default_language: Optional[str],
+    max_label_tokens: int = MAX_LABEL_TOKENS,
+    verbose: bool = True,
+) -> Tuple[List[Features], DropReport]:
     """Log-mel features and label tokens of every usable example, and a report of the others.
 
     Dropped: empty or non-UTF-8 transcripts, unknown languages, labels over `max_label_tokens`, audio over
@@ -59,9 +64,15 @@ def prepare_examples(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: 
     return features, report
 
 
-def iter_features(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, default_language: Optional[str],
-                  report: DropReport, max_label_tokens: int = MAX_LABEL_TOKENS,
-                  verbose: bool = True) -> Iterator[Features]:
+def iter_features(
+    examples: Iterable[Example],
+    tokenizer: Tokenizer,
+    n_mels: int,
+    default_language: Optional[str],
+    report: DropReport,
+    max_label_tokens: int = MAX_LABEL_TOKENS,
+    verbose: bool = True,
+) -> Iterator[Features]:
     """Features of each usable example, lazily; drops are counted in `report` (and the first
     unreadable files printed, when `verbose`)."""
     printed = 0 if verbose else MAX_PRINTED_PROBLEMS
@@ -80,8 +91,9 @@ def iter_features(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int
         yield Features(mel, labels, example.source)
 
 
-def label_tokens(tokenizer: Tokenizer, text: str, language: Optional[str],
-                 max_label_tokens: int = MAX_LABEL_TOKENS) -> np.ndarray:
+def label_tokens(
+    tokenizer: Tokenizer, text: str, language: Optional[str], max_label_tokens: int = MAX_LABEL_TOKENS
+) -> np.ndarray:
     """[sot, language, transcribe, notimestamps] + tokens of " text" + [eot] (English-only models: no
     language or task token). Raises DroppedExample when the example cannot be used."""
     text = text.strip()
@@ -89,8 +101,9 @@ def label_tokens(tokenizer: Tokenizer, text: str, language: Optional[str],
         raise DroppedExample("empty transcript")
     undecodable = next((c for c in text if "\udc80" <= c <= "\udcff"), None)  # kept by surrogateescape
     if undecodable is not None:
-        raise DroppedExample("non-UTF-8 text", f"byte 0x{ord(undecodable) - 0xdc00:02x} is not UTF-8; "
-                                               f"save the manifest as UTF-8")
+        raise DroppedExample(
+            "non-UTF-8 text", f"byte 0x{ord(undecodable) - 0xDC00:02x} is not UTF-8; save the manifest as UTF-8"
+        )
     english_only = tokenizer.encoding.name.startswith("gpt2")  # the vocabulary of the .en models
     try:
         code = None if language is None else _language(language)
@@ -132,8 +145,16 @@ def _mel_features(audio: Union[str, bytes], n_mels: int) -> np.ndarray:
 # ---------------------------------------------------------------- batching
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                  drop_last: bool = False, sort_window: Optional[int] = None) -> List[np.ndarray]:
+def epoch_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+    sort_window: Optional[int] = None,
+) -> List[np.ndarray]:
     """The global batches of one epoch as index arrays: a pure function of its arguments.
 
     With `sort_window`, each run of `sort_window` batches is sorted by label length before it is
@@ -155,24 +176,37 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, *, shuffle: bool, see
     return batches
 
 
-def iterate_batches(features: Sequence[Features], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                    start_batch: int = 0, drop_last: bool = False, sort_window: Optional[int] = None,
-                    pad_to_multiple: int = 8, pad_id: Optional[int] = None, rank: int = 0,
-                    world_size: int = 1) -> Iterator[Batch]:
+def iterate_batches(
+    features: Sequence[Features],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    drop_last: bool = False,
+    sort_window: Optional[int] = None,
+    pad_to_multiple: int = 8,
+    pad_id: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
     """Padded batches of one epoch in an order fixed by (seed, epoch); `start_batch` skips ahead.
 
     `batch_size` is the global batch: with `world_size` > 1 each rank gets its slice of it.
     """
     _check_world(batch_size, rank, world_size)
     lengths = [len(f.labels) for f in features]
-    order = epoch_batches(lengths, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
-                          sort_window=sort_window)
+    order = epoch_batches(
+        lengths, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last, sort_window=sort_window
+    )
     for indices in order[start_batch:]:
         yield _rank_slice([features[i] for i in indices], rank, world_size, pad_to_multiple, pad_id)
 
 
-def training_batches(features: Sequence[Features], batch_size: int, *, seed: int, start_step: int = 0,
-                     drop_last: bool = True, **kwargs) -> Iterator[Batch]:
+def training_batches(
+    features: Sequence[Features], batch_size: int, *, seed: int, start_step: int = 0, drop_last: bool = True, **kwargs
+) -> Iterator[Batch]:
     """Endless shuffled batches, epoch after epoch, from micro-batch `start_step` on (for resuming).
 
     Step s is batch s % per_epoch of epoch s // per_epoch, so a resumed run sees the same data.
@@ -184,13 +218,15 @@ def training_batches(features: Sequence[Features], batch_size: int, *, seed: int
         raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}; lower --batch-size")
     epoch, start = divmod(start_step, per_epoch)
     while True:
-        yield from iterate_batches(features, batch_size, shuffle=True, seed=seed, epoch=epoch, start_batch=start,
-                                   drop_last=drop_last, **kwargs)
+        yield from iterate_batches(
+            features, batch_size, shuffle=True, seed=seed, epoch=epoch, start_batch=start, drop_last=drop_last, **kwargs
+        )
         epoch, start = epoch + 1, 0
 
 
-def collate(features: Sequence[Features], *, pad_to_multiple: int = 8, pad_id: Optional[int] = None,
-            masked: bool = False) -> Batch:
+def collate(
+    features: Sequence[Features], *, pad_to_multiple: int = 8, pad_id: Optional[int] = None, masked: bool = False
+) -> Batch:
     """Stack mels; pad inputs/targets to the longest row, rounded up to `pad_to_multiple`.
 
     `pad_id` defaults to the end-of-text token every label sequence ends with; padding is
@@ -214,8 +250,9 @@ def collate(features: Sequence[Features], *, pad_to_multiple: int = 8, pad_id: O
 
 def _check_world(batch_size: int, rank: int, world_size: int) -> None:
     if batch_size % world_size != 0 or not 0 <= rank < world_size:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size ({world_size}), "
-                         f"and rank ({rank}) below it")
+        raise ValueError(
+            f"batch_size ({batch_size}) must be divisible by world_size ({world_size}), and rank ({rank}) below it"
+        )
 
 
 def _rank_slice(global_batch: List[Features], rank: int, world_size: int, pad_to_multiple: int, pad_id) -> Batch:
@@ -230,10 +267,19 @@ def _rank_slice(global_batch: List[Features], rank: int, world_size: int, pad_to
 # ---------------------------------------------------------------- streaming
 
 
-def stream_batches(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, default_language: Optional[str],
-                   batch_size: int, *, report: Optional[DropReport] = None, pad_to_multiple: int = 8,
-                   rank: int = 0, world_size: int = 1,
-                   max_label_tokens: int = MAX_LABEL_TOKENS) -> Iterator[Batch]:
+def stream_batches(
+    examples: Iterable[Example],
+    tokenizer: Tokenizer,
+    n_mels: int,
+    default_language: Optional[str],
+    batch_size: int,
+    *,
+    report: Optional[DropReport] = None,
+    pad_to_multiple: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    max_label_tokens: int = MAX_LABEL_TOKENS,
+) -> Iterator[Batch]:
     """Batches computed on the fly from a stream of examples, in stream order (shuffle a Hub stream
     with `HubExamples.shuffled`). Every rank reads the whole stream and takes its slice of each
     global batch; a short last batch is kept. Drops are counted in `report`.
@@ -241,8 +287,9 @@ def stream_batches(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: in
     _check_world(batch_size, rank, world_size)
     report = DropReport() if report is None else report
     pending: List[Features] = []
-    for feature in iter_features(examples, tokenizer, n_mels, default_language, report, max_label_tokens,
-                                 verbose=rank == 0):
+    for feature in iter_features(
+        examples, tokenizer, n_mels, default_language, report, max_label_tokens, verbose=rank == 0
+    ):
         pending.append(feature)
         if len(pending) == batch_size:
             yield _rank_slice(pending, rank, world_size, pad_to_multiple, None)

@@ -62,8 +62,9 @@ class DatasetLoadError(RuntimeError):
 # ---------------------------------------------------------------- local folders
 
 
-def load_local_dataset(data_dir: Union[str, Path], *, val_fraction: float = 0.1, seed: int = 0,
-                       text_column: Optional[str] = None) -> Dict[str, List[Example]]:
+def load_local_dataset(
+    data_dir: Union[str, Path], *, val_fraction: float = 0.1, seed: int = 0, text_column: Optional[str] = None
+) -> Dict[str, List[Example]]:
     """Read a folder of audio and metadata into {"train": [...], "validation": [...], ("test")}.
 
     Splits come from train/, validation/ (or valid/, dev/, eval/) and test/ subfolders, each with
@@ -102,8 +103,7 @@ def _find_split_folders(root: Path) -> Dict[str, Path]:
     return found
 
 
-def split_examples(examples: Sequence[Example], val_fraction: float,
-                   seed: int) -> Tuple[List[Example], List[Example]]:
+def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) -> Tuple[List[Example], List[Example]]:
     """Hold out `val_fraction` of the examples (at least one when > 0), drawn with `seed`; order is kept."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -174,8 +174,10 @@ def _read_csv(path: Path) -> List[Tuple[int, dict]]:
         for row in reader:
             start, previous = previous + 1, reader.line_num
             if any("\n" in str(v) or "\r" in str(v) for v in row.values()):
-                raise ValueError(f"{path}:{start}: a quoted field runs on to line {reader.line_num} (an unbalanced "
-                                 f"quote?); a row is one line: fix the quotes in {path.name}")
+                raise ValueError(
+                    f"{path}:{start}: a quoted field runs on to line {reader.line_num} (an unbalanced "
+                    f"quote?); a row is one line: fix the quotes in {path.name}"
+                )
             rows.append((start, row))
         return rows
 
@@ -206,8 +208,15 @@ def read_jsonl(path: Path, cut_last_line_ok: bool = False) -> List[Tuple[int, di
 # ---------------------------------------------------------------- Hugging Face Hub
 
 
-def load_hf_dataset(name, config: Optional[str] = None, split: str = "train", *, text_column: Optional[str] = None,
-                    audio_column: Optional[str] = None, streaming: bool = False):
+def load_hf_dataset(
+    name,
+    config: Optional[str] = None,
+    split: str = "train",
+    *,
+    text_column: Optional[str] = None,
+    audio_column: Optional[str] = None,
+    streaming: bool = False,
+):
     """Examples of a Hub dataset split: a list, or a lazy, re-iterable `HubExamples` when `streaming`.
 
     `name` is a Hub id or an already-loaded `datasets.Dataset`/`IterableDataset`. Audio is never

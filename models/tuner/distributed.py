@@ -23,8 +23,10 @@ def init_distributed() -> Optional[mx.distributed.Group]:
     world = mx.distributed.init()
     rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     if world.size() == 1 and rank > 0:  # init() falls back to one process when no backend starts
-        raise DistributedError(f"launched as rank {rank}, but no distributed backend could start; "
-                               f"check the hosts, ports and --backend given to mlx.launch")
+        raise DistributedError(
+            f"launched as rank {rank}, but no distributed backend could start; "
+            f"check the hosts, ports and --backend given to mlx.launch"
+        )
     return world
 
 
@@ -37,8 +39,7 @@ def all_sum_tree(tree, world: Optional[mx.distributed.Group]):
     flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
     flat = mx.distributed.all_sum(flat, group=world)
     offsets = np.cumsum([0] + [v.size for _, v in leaves]).tolist()
-    return tree_unflatten([(k, flat[o : o + v.size].reshape(v.shape))
-                           for (k, v), o in zip(leaves, offsets)])
+    return tree_unflatten([(k, flat[o : o + v.size].reshape(v.shape)) for (k, v), o in zip(leaves, offsets)])
 
 
 def read_on_rank0(path: Path, world) -> Optional[bytes]:

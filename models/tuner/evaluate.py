@@ -63,13 +63,20 @@ def greedy_predictions(model, tokenizer: Tokenizer, features: Sequence[Features]
         options = DecodingOptions(language=language, without_timestamps=True)
         windows = [f.mel.astype(np.float32) for f in group]
         for f, result in zip(group, decode_batches(model, windows, options, batch_size)):
-            predictions.append({"source": f.source, "language": language,
-                                "ref": reference_text(tokenizer, f.labels), "hyp": result.text})
+            predictions.append(
+                {
+                    "source": f.source,
+                    "language": language,
+                    "ref": reference_text(tokenizer, f.labels),
+                    "hyp": result.text,
+                }
+            )
     return predictions
 
 
-def evaluate(model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int, loss_fn,
-             decode: bool = True, world=None) -> EvalResult:
+def evaluate(
+    model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int, loss_fn, decode: bool = True, world=None
+) -> EvalResult:
     """Validation loss and, with `decode`, greedy WER/CER of `features`.
 
     With a distributed `world`, each rank scores every world.size()-th clip and the loss and the

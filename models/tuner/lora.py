@@ -38,9 +38,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            raise TypeError(
-                f"LoRALinear wraps nn.Linear or nn.QuantizedLinear, got {type(base).__name__}"
-            )
+            raise TypeError(f"LoRALinear wraps nn.Linear or nn.QuantizedLinear, got {type(base).__name__}")
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         input_dims, output_dims = _linear_dims(base)
@@ -153,17 +151,13 @@ class LoRAConfig:
 
     def __post_init__(self):
         if self.num_layers != -1 and self.num_layers < 1:
-            raise ValueError(
-                f"LoRA num_layers must be -1 (all blocks) or >= 1, got {self.num_layers}"
-            )
+            raise ValueError(f"LoRA num_layers must be -1 (all blocks) or >= 1, got {self.num_layers}")
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
-            raise ValueError(
-                f"LoRA targets must be a list of strings, got {self.targets!r}"
-            )
+            raise ValueError(f"LoRA targets must be a list of strings, got {self.targets!r}")
         self.targets = list(self.targets)
         validate_targets(self.targets)
 
@@ -187,14 +181,13 @@ class LoRAConfig:
         if unknown and version > LORA_CONFIG_VERSION:
             warnings.warn(
                 f"LoRA config version {version} is newer than this code "
-                f"({LORA_CONFIG_VERSION}); ignoring keys {unknown}"
+                f"({LORA_CONFIG_VERSION}); ignoring keys {unknown}",
+                stacklevel=2,
             )
             config = {k: v for k, v in config.items() if k in known}
             config["version"] = LORA_CONFIG_VERSION
         elif unknown:
-            raise ValueError(
-                f"Unknown LoRA config keys {unknown}; valid keys are {sorted(known)}"
-            )
+            raise ValueError(f"Unknown LoRA config keys {unknown}; valid keys are {sorted(known)}")
         return cls(**config)
 
 
@@ -202,16 +195,14 @@ def validate_targets(targets: list[str]) -> None:
     """Raise a ValueError naming any target that is not a known block Linear."""
     bad = [t for t in targets if t not in VALID_TARGETS]
     if bad:
-        raise ValueError(
-            f"Unknown LoRA targets {bad}; valid targets are {list(VALID_TARGETS)}"
-        )
+        raise ValueError(f"Unknown LoRA targets {bad}; valid targets are {list(VALID_TARGETS)}")
 
 
 def _adapted_blocks(blocks: list, num_layers: int) -> list:
     """The last `num_layers` blocks (all of them for -1 or a larger count)."""
     if num_layers == -1:
         return list(blocks)
-    return list(blocks)[max(len(blocks) - num_layers, 0):]
+    return list(blocks)[max(len(blocks) - num_layers, 0) :]
 
 
 def _replace_target(block: nn.Module, target: str, config: LoRAConfig) -> bool:
@@ -222,16 +213,10 @@ def _replace_target(block: nn.Module, target: str, config: LoRAConfig) -> bool:
         return False
     layer = parent.get(leaf_name)
     if isinstance(layer, LoRALinear):
-        raise ValueError(
-            f"'{target}' already has a LoRA layer: call linear_to_lora_layers once per model"
-        )
+        raise ValueError(f"'{target}' already has a LoRA layer: call linear_to_lora_layers once per model")
     if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-        raise ValueError(
-            f"LoRA target '{target}' is {type(layer).__name__}, expected a Linear layer"
-        )
-    lora = LoRALinear.from_base(
-        layer, r=config.rank, dropout=config.dropout, scale=config.lora_scale
-    )
+        raise ValueError(f"LoRA target '{target}' is {type(layer).__name__}, expected a Linear layer")
+    lora = LoRALinear.from_base(layer, r=config.rank, dropout=config.dropout, scale=config.lora_scale)
     setattr(parent, leaf_name, lora)
     return True
 
@@ -249,8 +234,8 @@ def linear_to_lora_layers(model: nn.Module, config: LoRAConfig) -> nn.Module:
         deepest = max(len(model.encoder.blocks), len(model.decoder.blocks))
         if config.num_layers > deepest:
             warnings.warn(
-                f"LoRA num_layers={config.num_layers} exceeds the model's "
-                f"{deepest} blocks; adapting all blocks"
+                f"LoRA num_layers={config.num_layers} exceeds the model's {deepest} blocks; adapting all blocks",
+                stacklevel=2,
             )
     stacks = [model.decoder] if config.freeze_encoder else [model.encoder, model.decoder]
     for stack in stacks:

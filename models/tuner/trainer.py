@@ -149,8 +149,10 @@ def _checkpoint_blocks(model):
     the recomputation would draw other masks than the forward pass, and the gradients would be wrong.
     """
     if any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
-        raise ValueError("--grad-checkpoint cannot be combined with dropout (--lora-dropout > 0): the "
-                         "recomputed forward pass would draw other dropout masks; drop one of the two")
+        raise ValueError(
+            "--grad-checkpoint cannot be combined with dropout (--lora-dropout > 0): the "
+            "recomputed forward pass would draw other dropout masks; drop one of the two"
+        )
     for blocks in (model.encoder.blocks, model.decoder.blocks):
         for block in blocks:
             block._grad_checkpoint = True
@@ -160,8 +162,12 @@ def _checkpoint_blocks(model):
             original = block_class.__call__
 
             def checkpointed(self, x, *args, _original=original, **kwargs):
-                if (not getattr(self, "_grad_checkpoint", False) or not self.training
-                        or kwargs.get("kv_cache") is not None or kwargs.get("return_qk")):
+                if (
+                    not getattr(self, "_grad_checkpoint", False)
+                    or not self.training
+                    or kwargs.get("kv_cache") is not None
+                    or kwargs.get("return_qk")
+                ):
                     return _original(self, x, *args, **kwargs)
 
                 def inner(params, x, *inner_args):
@@ -186,8 +192,9 @@ class _Run:
         args = trainer.args
         if self.is_main:
             folder.path.mkdir(parents=True, exist_ok=True)
-        self.start_step, extra = (load_resume_state(folder, trainer.model, trainer.optimizer, trainer.world)
-                                  if resume else (0, {}))
+        self.start_step, extra = (
+            load_resume_state(folder, trainer.model, trainer.optimizer, trainer.world) if resume else (0, {})
+        )
         self.best = extra.get("best", math.inf)
         self.last_saved = self.start_step if resume else None  # the iteration whose adapters are on disk
         self.metrics = MetricsLog(folder.metrics, self.is_main, self.start_step if resume else None)
@@ -200,10 +207,16 @@ class _Run:
         if not self.val_subset:
             return None
         tic = time.perf_counter()
-        result = evaluate(trainer.model, trainer.tokenizer, self.val_subset, self.eval_batch, loss_fn,
-                          world=trainer.world)
-        record = {"step": step, "val_loss": result.loss, "val_wer": result.wer, "val_cer": result.cer,
-                  "eval_time": time.perf_counter() - tic}
+        result = evaluate(
+            trainer.model, trainer.tokenizer, self.val_subset, self.eval_batch, loss_fn, world=trainer.world
+        )
+        record = {
+            "step": step,
+            "val_loss": result.loss,
+            "val_wer": result.wer,
+            "val_cer": result.cer,
+            "eval_time": time.perf_counter() - tic,
+        }
         trainer.log(f"Iter {step}: val {result.summary()}, took {record['eval_time']:.1f}s")
         self.metrics.write(record)
         score = {"loss": result.loss, "wer": result.wer, "cer": result.cer}[args.best_metric]
@@ -220,10 +233,15 @@ class _Run:
         if math.isfinite(train_loss) and weights_ok:
             return
         problem = f"training loss is {train_loss}" + ("" if weights_ok else ", adapter weights not finite")
-        kept = ("no adapters were saved before it" if self.last_saved is None else f"the last good adapters "
-                f"(iter {self.last_saved}) are in {self.folder.path} (resume.safetensors / checkpoints)")
-        raise TrainingStopped(f"Iter {step}: {problem}; stopped without saving; {kept}. Lower --learning-rate "
-                              f"or use --dtype float32")
+        kept = (
+            "no adapters were saved before it"
+            if self.last_saved is None
+            else f"the last good adapters "
+            f"(iter {self.last_saved}) are in {self.folder.path} (resume.safetensors / checkpoints)"
+        )
+        raise TrainingStopped(
+            f"Iter {step}: {problem}; stopped without saving; {kept}. Lower --learning-rate or use --dtype float32"
+        )
 
     def save(self, step: int) -> None:
         trainer, folder = self.trainer, self.folder
@@ -234,8 +252,14 @@ class _Run:
         self.last_saved = step
 
 
-def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Features], folder: AdapterFolder,
-          resume: bool = False, batch_source: Optional[Callable[[int], Iterator[Batch]]] = None) -> dict:
+def train(
+    trainer: Trainer,
+    train_set: Sequence[Features],
+    val_set: Sequence[Features],
+    folder: AdapterFolder,
+    resume: bool = False,
+    batch_source: Optional[Callable[[int], Iterator[Batch]]] = None,
+) -> dict:
     """Run the training loop, saving into `folder` (rank 0 only); returns the last evaluation's numbers.
 
     `batch_source(start)` yields batches from micro-batch `start` on (default: shuffled epochs
@@ -246,10 +270,19 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
     run = _Run(trainer, val_set, folder, resume)
     if batch_source is None:
         world_size = 1 if trainer.world is None else trainer.world.size()
+
         def batch_source(start: int) -> Iterator[Batch]:
-            return training_batches(train_set, args.batch_size, seed=args.seed, start_step=start,
-                                    sort_window=args.sort_window, pad_to_multiple=args.pad_to_multiple,
-                                    rank=trainer.rank, world_size=world_size)
+            return training_batches(
+                train_set,
+                args.batch_size,
+                seed=args.seed,
+                start_step=start,
+                sort_window=args.sort_window,
+                pad_to_multiple=args.pad_to_multiple,
+                rank=trainer.rank,
+                world_size=world_size,
+            )
+
     batches = batch_source(run.start_step * args.grad_accumulation)
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -272,11 +305,18 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
                 train_loss = float(loss_sum / mx.maximum(token_sum, 1))
                 run.check_finite(step, train_loss)  # non-finite weights must never be kept as best
                 elapsed = time.perf_counter() - tic
-                record = {"step": step, "train_loss": train_loss, "lr": trainer.lr_at(step),
-                          "it_per_s": steps_in_report / elapsed, "tokens_per_s": float(token_sum) / elapsed,
-                          "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                log(f"Iter {step}: train loss {train_loss:.3f}, lr {record['lr']:.2e}, it/s {record['it_per_s']:.2f}, "
-                    f"tokens/s {record['tokens_per_s']:.0f}, peak mem {record['peak_memory_gb']:.2f} GB")
+                record = {
+                    "step": step,
+                    "train_loss": train_loss,
+                    "lr": trainer.lr_at(step),
+                    "it_per_s": steps_in_report / elapsed,
+                    "tokens_per_s": float(token_sum) / elapsed,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                }
+                log(
+                    f"Iter {step}: train loss {train_loss:.3f}, lr {record['lr']:.2e}, it/s {record['it_per_s']:.2f}, "
+                    f"tokens/s {record['tokens_per_s']:.0f}, peak mem {record['peak_memory_gb']:.2f} GB"
+                )
                 run.metrics.write(record)
                 loss_sum, token_sum, steps_in_report, tic = mx.array(0.0), mx.array(0.0), 0, time.perf_counter()
             if due_eval:
@@ -286,8 +326,10 @@ def train(trainer: Trainer, train_set: Sequence[Features], val_set: Sequence[Fea
                 run.save(step)
                 if stopping:
                     how = "Interrupted" if interrupted else "Stopped"
-                    log(f"{how} at iter {step}: saved adapters and resume state in {folder.path}; "
-                        f"continue with --resume")
+                    log(
+                        f"{how} at iter {step}: saved adapters and resume state in {folder.path}; "
+                        f"continue with --resume"
+                    )
             if stopping:
                 break
     finally:
