@@ -15,9 +15,23 @@ from pathlib import Path
 from typing import Dict, List
 
 import utils
+from utils import number
 
 DEFAULTS_HELP = "(default: %(default)s)"
 CONFIG_VERSION = 1
+
+
+def lora_targets(value: str) -> str:
+    """--lora-targets: comma-separated names of a block's Linear layers, each one we know."""
+    from models.tuner.lora import VALID_TARGETS
+
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    unknown = [n for n in names if n not in VALID_TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown LoRA targets {unknown or value!r}; choose from {', '.join(VALID_TARGETS)}"
+        )
+    return ",".join(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,19 +64,33 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--audio-column", help="audio column of a Hub dataset (default: audio)")
     g.add_argument("--streaming", action="store_true", help="stream a large Hub dataset instead of downloading it")
     g.add_argument("--language", help="language of rows without a language/locale column, e.g. te")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a flat local set")
+    g.add_argument(
+        "--val-fraction",
+        type=number(float, 0, 1, high_open=True),
+        default=0.1,
+        help="validation share of a flat local set",
+    )
 
 
 def _lora_flags(g) -> None:
     g.add_argument(
-        "--lora-layers", type=int, default=-1, help="adapt the last N blocks of encoder and decoder; -1 = all"
+        "--lora-layers",
+        type=number(int, 1, also=(-1,)),
+        default=-1,
+        help="adapt the last N blocks of encoder and decoder; -1 = all",
     )
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="scale = alpha / rank")
-    g.add_argument("--lora-scale", type=float, default=None, help="set the scale directly (overrides --lora-alpha)")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-rank", type=number(int, 1), default=8)
+    g.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=16.0, help="scale = alpha / rank")
+    g.add_argument(
+        "--lora-scale",
+        type=number(float, 0, low_open=True),
+        default=None,
+        help="set the scale directly (overrides --lora-alpha)",
+    )
+    g.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.0)
     g.add_argument(
         "--lora-targets",
+        type=lora_targets,
         default="attn.query,attn.value,cross_attn.query,cross_attn.value",
         help="comma-separated layers per block: attn.{query,key,value,out}, cross_attn.*, mlp1, mlp2",
     )
@@ -77,26 +105,35 @@ def _training_flags(g) -> None:
         "--test", action="store_true", help="evaluate on the test split (validation if none): WER/CER + predictions"
     )
     g.add_argument("--test-output", help="predictions JSONL of --test (default: ADAPTER_PATH/test_predictions.jsonl)")
-    g.add_argument("--iters", type=int, default=200)
+    g.add_argument("--iters", type=number(int, 1), default=200)
     g.add_argument(
-        "--epochs", type=float, default=None, help="train this many passes over the data (overrides --iters)"
+        "--epochs",
+        type=number(float, 0, low_open=True),
+        default=None,
+        help="train this many passes over the data (overrides --iters)",
     )
-    g.add_argument("--batch-size", type=int, default=8, help="clips per step (global, over all processes)")
-    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--batch-size", type=number(int, 1), default=8, help="clips per step (global, over all processes)")
+    g.add_argument("--learning-rate", type=number(float, 0, low_open=True), default=1e-4)
     g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 turns clipping off")
-    g.add_argument("--grad-accumulation", type=int, default=1)
+    g.add_argument("--warmup", type=number(int, 0), default=0, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.01)
+    g.add_argument(
+        "--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm; 0 turns clipping off"
+    )
+    g.add_argument("--grad-accumulation", type=number(int, 1), default=1)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
-    g.add_argument("--steps-per-report", type=int, default=10)
-    g.add_argument("--steps-per-eval", type=int, default=50, help="validation loss + greedy WER/CER; 0 = never")
-    g.add_argument("--val-batches", type=int, default=-1, help="validation batches per evaluation; -1 = all")
+    g.add_argument("--steps-per-report", type=number(int, 1), default=10)
+    g.add_argument(
+        "--steps-per-eval", type=number(int, 0), default=50, help="validation loss + greedy WER/CER; 0 = never"
+    )
+    g.add_argument(
+        "--val-batches", type=number(int, 1, also=(-1,)), default=-1, help="validation batches per evaluation; -1 = all"
+    )
     g.add_argument("--best-metric", choices=["cer", "wer", "loss"], default="cer")
-    g.add_argument("--save-every", type=int, default=100)
+    g.add_argument("--save-every", type=number(int, 1), default=100)
     g.add_argument("--resume", action="store_true", help="continue from ADAPTER_PATH/resume.safetensors")
     g.add_argument("--overwrite", action="store_true", help="replace adapters already in --adapter-path")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0)
 
 
 def lora_config(args):
@@ -218,21 +255,59 @@ def streamed_batches(args, splits, tokenizer, n_mels: int, world):
     )
 
 
+def check_outputs(args, training: bool) -> None:
+    """Before any work: no output may overwrite an input, and an adapter folder holds only lora.py's files."""
+    from models.outputs import check_not_an_input, check_replaceable
+    from models.tuner.adapters import FILES_WRITTEN
+
+    inputs = {"--model": args.model, "--data": args.data}
+    if training:
+        check_not_an_input("--adapter-path", args.adapter_path, inputs)
+        check_replaceable("--adapter-path", args.adapter_path, FILES_WRITTEN, "lora.py")
+    if args.test_output is not None:
+        check_not_an_input("--test-output", args.test_output, {**inputs, "--adapter-path": args.adapter_path})
+
+
+def check_resume(folder, identity: dict) -> None:
+    """--resume continues only a run of the same model and LoRA settings; the differences are named."""
+    from models.tuner.adapters import read_adapter_config, resume_mismatch
+
+    if not folder.has_config():
+        raise ValueError(f"--resume: {folder.path} holds no adapter_config.json; train without --resume first")
+    differences = resume_mismatch(read_adapter_config(folder.path), identity)
+    if differences:
+        raise ValueError(
+            f"--resume: {folder.path} was trained with other settings ({'; '.join(differences)}); "
+            f"resume with the same flags, or start again with --overwrite"
+        )
+
+
 def train(args, model, tokenizer, splits, world, log) -> int:
     from models.tuner.adapters import AdapterFolder
-    from models.tuner.batches import encode_features
-    from models.tuner.lora import linear_to_lora_layers, parameter_count, trainable_parameter_count
-    from models.tuner.trainer import Trainer, TrainingStopped
-    from models.tuner.trainer import train as train_loop
 
-    rank = 0 if world is None else world.rank()
     folder = AdapterFolder(args.adapter_path)
     if folder.has_adapters() and not (args.resume or args.overwrite):
         raise ValueError(
             f"{folder.path} already holds adapters; pass --resume to continue that run, "
             f"--overwrite to replace them, or another --adapter-path"
         )
+    if world is not None and world.rank() > 0:
+        return train_in(folder, args, model, tokenizer, splits, world, log)
+    with folder.locked():  # one run per adapter folder; rank 0 speaks for the group
+        return train_in(folder, args, model, tokenizer, splits, world, log)
+
+
+def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
+    from models.tuner.batches import encode_features
+    from models.tuner.lora import linear_to_lora_layers, parameter_count, trainable_parameter_count
+    from models.tuner.trainer import Trainer, TrainingStopped
+    from models.tuner.trainer import train as train_loop
+
+    rank = 0 if world is None else world.rank()
     config = lora_config(args)
+    identity = {"base_model": str(args.model), "model_dims": model.dims.to_dict(), "lora": config.to_dict()}
+    if args.resume:
+        check_resume(folder, identity)
     linear_to_lora_layers(model, config)
     trainable, total = trainable_parameter_count(model), parameter_count(model)
     log(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M ({100 * trainable / total:.2f}%)")
@@ -250,9 +325,7 @@ def train(args, model, tokenizer, splits, world, log) -> int:
     training = training_args(args, len(train_set), log)
     folder.config = {
         "version": CONFIG_VERSION,
-        "base_model": str(args.model),
-        "model_dims": model.dims.to_dict(),
-        "lora": config.to_dict(),
+        **identity,
         "training": asdict(training),
         "data": args.data or f"{args.hf_dataset}:{args.hf_config}",
         "language": args.language,
@@ -279,6 +352,8 @@ def run(args) -> int:
     from models.tuner.adapters import AdapterFolder, load_adapters
     from models.tuner.distributed import init_distributed
 
+    training = args.train or not args.test
+    check_outputs(args, training)
     world = init_distributed()
     rank = 0 if world is None else world.rank()
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -286,7 +361,7 @@ def run(args) -> int:
     model = load_model(args.model, dtype=compute_dtype(args.dtype, training=True))
     tokenizer = tokenizer_for(model, language=args.language or "en")
     splits = load_splits(args)
-    if args.train or not args.test:
+    if training:
         return train(args, model, tokenizer, splits, world, log)
     folder = AdapterFolder(args.adapter_path)  # --test alone: base model, or base + the folder's adapters
     if folder.has_config():
@@ -304,11 +379,14 @@ def main(argv=None) -> int:
     utils.start_cli()
     args = parse_args(argv)
     from models.backend import limit_cuda_queue_memory
+    from models.tuner.adapters import AdapterFolderBusy
     from models.tuner.datasets import DatasetLoadError
     from models.tuner.distributed import DistributedError
 
     limit_cuda_queue_memory()
-    return utils.report_errors(lambda: run(args), (ValueError, OSError, DatasetLoadError, DistributedError))
+    # Ctrl-C in training is handled by the loop (it saves and stops); this covers loading and preparing.
+    expected = (ValueError, OSError, DatasetLoadError, DistributedError, AdapterFolderBusy)
+    return utils.report_errors(lambda: run(args), expected, interrupted="stopped before training; nothing was saved")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ transcribed is reported and skipped; the exit status is non-zero if any file fai
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import utils
 from models.inference.options import default
 from models.inference.writers import FORMAT_CHOICES
+from utils import number
 
 
 def _bool(value: str) -> bool:
@@ -23,10 +25,6 @@ def _bool(value: str) -> bool:
     if value.strip().lower() in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def _optional_float(value: str) -> Optional[float]:
-    return None if value.strip().lower() == "none" else float(value)
 
 
 def _formats(value: str) -> List[str]:
@@ -41,24 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Transcribe audio with Whisper (MLX).")
     p.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or glob patterns")
     utils.add_model_flags(p, "default: float16 on a GPU, float32 on the CPU")
-    p.add_argument("--adapter-path", default=None, help="folder with LoRA adapters written by lora.py")
+    p.add_argument(
+        "--adapter-path",
+        default=None,
+        help="folder with LoRA adapters written by lora.py, or LANG=FOLDER,LANG=FOLDER: each file gets the "
+        "adapters of its given or detected language, other languages the base model",
+    )
     p.add_argument("--language", default=None, help="language code or name; detected when not given")
     p.add_argument("--task", choices=("transcribe", "translate"), default=default("task"))
-    p.add_argument("--beam-size", type=int, default=default("beam_size"), help="beam search width at temperature 0")
-    p.add_argument("--best-of", type=int, default=default("best_of"), help="samples to pick from at temperature > 0")
-    p.add_argument("--patience", type=float, default=default("patience"), help="beam search patience")
     p.add_argument(
-        "--length-penalty", type=float, default=default("length_penalty"), help="0..1; default: divide by length"
+        "--beam-size", type=number(int, 1), default=default("beam_size"), help="beam search width at temperature 0"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="first sampling temperature, 0..1")
+    p.add_argument(
+        "--best-of", type=number(int, 1), default=default("best_of"), help="samples to pick from at temperature > 0"
+    )
+    p.add_argument(
+        "--patience", type=number(float, 0, low_open=True), default=default("patience"), help="beam search patience"
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=number(float, 0, 1),
+        default=default("length_penalty"),
+        help="0..1; default: divide by length",
+    )
+    p.add_argument("--temperature", type=number(float, 0, 1), default=0.0, help="first sampling temperature, 0..1")
     p.add_argument(
         "--temperature-increment-on-fallback",
-        type=_optional_float,
+        type=number(float, 0, 1, low_open=True, none=True),
         default=0.2,
         help="raise the temperature by this up to 1.0 when a window fails the thresholds; none: never",
     )
-    for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
-        p.add_argument("--" + name.replace("_", "-"), type=_optional_float, default=default(name))
+    thresholds = {
+        "compression_ratio_threshold": number(float, 0, low_open=True, none=True),
+        "logprob_threshold": number(float, high=0, none=True),
+        "no_speech_threshold": number(float, 0, 1, none=True),
+    }
+    for name, kind in thresholds.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default(name))
     p.add_argument("--initial-prompt", default=None, help="text to condition the first window on")
     p.add_argument(
         "--condition-on-previous-text",
@@ -101,15 +118,40 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
+def adapter_folders(adapter_path: Optional[str]) -> dict:
+    """{flag name: folder} of the --adapter-path value, for the output-path checks."""
+    from models.inference.routing import parse_adapter_routes
+
+    if adapter_path is None:
+        return {}
+    routes = parse_adapter_routes(adapter_path)
+    if isinstance(routes, str):
+        return {"--adapter-path": routes}
+    return {f"--adapter-path {code}=": folder for code, folder in routes.items()}
+
+
 def load(model_path: str, adapter_path: Optional[str], dtype_name: Optional[str]):
+    """A function of (file, options) giving the model and options to transcribe that file with."""
+    from dataclasses import replace
+
     from models.backend import compute_dtype
+    from models.inference.routing import AdapterRouter, parse_adapter_routes
     from models.loading import load_model
     from models.tuner.adapters import load_adapters
 
     model = load_model(model_path, dtype=compute_dtype(dtype_name, training=False))
-    if adapter_path is not None:
-        model = load_adapters(model, Path(adapter_path))
-    return model
+    routes = None if adapter_path is None else parse_adapter_routes(adapter_path)
+    if isinstance(routes, dict):
+        router = AdapterRouter(model, routes)
+
+        def routed(path, options):
+            chosen, language = router.route(path, options.language)
+            return chosen, replace(options, language=language)
+
+        return routed
+    if routes is not None:
+        model = load_adapters(model, Path(routes))
+    return lambda path, options: (model, options)
 
 
 def _output_name(path: Path, used: set) -> str:
@@ -122,8 +164,27 @@ def _output_name(path: Path, used: set) -> str:
     return name + path.suffix
 
 
-def transcribe_files(model, files: List[Path], options, output_dir: str, formats: List[str]) -> List[Tuple[str, str]]:
-    """Transcribe and write each file; return (file, reason) for those that failed."""
+def check_output_dir(args) -> None:
+    """Before transcribing anything: --output-dir is a folder we can write to, and no input folder."""
+    from models.outputs import OutputPathError, check_not_an_input
+
+    check_not_an_input("--output-dir", args.output_dir, {"--model": args.model, **adapter_folders(args.adapter_path)})
+    folder = Path(args.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputPathError(
+            f"--output-dir {folder}: cannot write there ({error.strerror}); choose another --output-dir"
+        ) from None
+
+
+def transcribe_files(pick, files: List[Path], options, output_dir: str, formats: List[str]) -> List[Tuple[str, str]]:
+    """Transcribe each file with the model `pick(file, options)` gives, print its text, then write its
+    files; return (file, reason) for those that failed."""
     from tqdm import tqdm
 
     from models.inference.transcribe import Transcriber
@@ -131,18 +192,21 @@ def transcribe_files(model, files: List[Path], options, output_dir: str, formats
 
     failures, used = [], set()
     bar = tqdm(files, unit="file", disable=len(files) < 2, file=sys.stderr)
-    for path in bar:
+    for done, path in enumerate(bar):
         name = _output_name(path, used)
         try:
-            result = Transcriber(model, options).run(path, progress=len(files) == 1 and not options.verbose)
+            model, file_options = pick(path, options)
+            result = Transcriber(model, file_options).run(path, progress=len(files) == 1 and not options.verbose)
+            bar.write(result["text"] if len(files) == 1 else f"{path}: {result['text']}")
             write_result(result, output_dir, name, formats)
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
+            bar.write(f"Stopped at {path}: {done - len(failures)} of {len(files)} file(s) done", file=sys.stderr)
+            raise
+        except SystemExit:
             raise
         except Exception as error:  # any one bad file must not stop the others
             failures.append((str(path), f"{type(error).__name__}: {error}"))
             bar.write(f"error: {path}: {error}", file=sys.stderr)
-            continue
-        bar.write(result["text"] if len(files) == 1 else f"{path}: {result['text']}")
     return failures
 
 
@@ -152,19 +216,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         options = options_from_args(args)
+        from models.backend import compute_dtype
+
+        compute_dtype(args.dtype, training=False)
     except ValueError as error:
         parser.error(str(error))
+    return utils.report_errors(lambda: run(args, options), interrupted="the files written so far are complete")
+
+
+def run(args, options) -> int:
+    check_output_dir(args)
     files, missing = utils.find_inputs(args.inputs)
     for item, reason in missing:
         print(f"error: {item}: {reason}", file=sys.stderr)
     failed = []
     if files:
         try:
-            model = load(args.model, args.adapter_path, args.dtype)
+            pick = load(args.model, args.adapter_path, args.dtype)
         except (ValueError, OSError) as error:
             print(f"error: could not load the model: {error}", file=sys.stderr)
             return 2
-        failed = transcribe_files(model, files, options, args.output_dir, args.output_format)
+        failed = transcribe_files(pick, files, options, args.output_dir, args.output_format)
     if missing or failed:
         print(
             f"\nTranscribed {len(files) - len(failed)} of {len(files)} file(s); "

@@ -82,6 +82,9 @@ def find_inputs(inputs: Sequence[str]) -> Tuple[List[Path], List[Tuple[str, str]
                 errors.append((item, f"folder holds no audio files ({', '.join(AUDIO_EXTENSIONS)})"))
         elif path.is_file():
             found = [path]
+        elif path.exists():  # a FIFO, a device, process substitution (/dev/fd/N)
+            found = []
+            errors.append((item, "a pipe or device, not an audio file; save the audio to a file first"))
         elif glob.has_magic(item):
             found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not found:
@@ -93,13 +96,21 @@ def find_inputs(inputs: Sequence[str]) -> Tuple[List[Path], List[Tuple[str, str]
     return files, errors
 
 
-def report_errors(main: Callable[[], int], expected: Tuple[type, ...] = (ValueError, OSError)) -> int:
-    """Run `main`; an expected error (bad input) is printed as one `error:` line and gives exit status 1."""
+def report_errors(
+    main: Callable[[], int],
+    expected: Tuple[type, ...] = (ValueError, OSError),
+    interrupted: str = "nothing more was written",
+) -> int:
+    """Run `main`; an expected error (bad input) is one `error:` line and exit status 1, and Ctrl-C
+    a one-line summary (`interrupted` says what is kept) and exit status 130, never a traceback."""
     try:
         return main()
     except expected as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: {interrupted}", file=sys.stderr)
+        return 130
 
 
 def number(
@@ -143,4 +154,5 @@ def number(
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.bounds = (low, high, low_open, high_open)  # for tests that try values just outside
     return parse

@@ -237,4 +237,4 @@ def test_absurd_learning_rate_stops_and_keeps_the_last_good_adapters(model_dir, 
 def test_resume_without_a_checkpoint_says_what_to_do(model_dir, data_dir, tmp_path):
     code, _, err = run_cli(*common(model_dir, data_dir, tmp_path / "adapters"), "--resume", "--iters", "2")
     assert code == 1
-    assert "resume.safetensors: nothing to resume from; train without --resume first" in err
+    assert "holds no adapter_config.json; train without --resume first" in err

@@ -317,7 +317,7 @@ def test_data_empty_split_is_an_error_naming_the_manifest(tmp_path, model_folder
             "--language",
             "en",
             "--adapter-path",
-            str(tmp_path / "adapters"),
+            str(tmp_path.parent / f"{tmp_path.name}-adapters"),
         ]
     )
     assert code == 1
@@ -485,7 +485,8 @@ def test_model_missing_folder_is_a_clear_error_in_every_cli(tmp_path, capsys):
         f"error: could not load the model: {missing}: no such model folder "
         f"(and not a Hugging Face repo id like user/name)\n"
     )
-    assert lora_cli.main(["--model", str(missing), "--data", str(tmp_path), "--adapter-path", str(tmp_path)]) == 1
+    adapters = str(tmp_path / "adapters")
+    assert lora_cli.main(["--model", str(missing), "--data", str(tmp_path / "data"), "--adapter-path", adapters]) == 1
     assert capsys.readouterr().err.startswith(f"error: {missing}: no such model folder")
 
 
@@ -605,13 +606,15 @@ def clips(tmp_path_factory) -> Path:
 
 def test_flag_mistakes_say_what_to_do(tmp_path, model_folder, clips, capsys):
     base = lora_args(model_folder, clips, tmp_path / "adapters", "--iters", "1")
-    assert lora_cli.main([*base, "--lora-targets", "attn.q,mlp1"]) == 1
-    assert capsys.readouterr().err.startswith(
-        "error: Unknown LoRA targets ['attn.q']; valid targets are ['attn.query', 'attn.key', "
+    with pytest.raises(SystemExit) as exit_:
+        lora_cli.main([*base, "--lora-targets", "attn.q,mlp1"])
+    assert exit_.value.code == 2
+    assert (
+        "argument --lora-targets: unknown LoRA targets ['attn.q']; choose from attn.query, " in capsys.readouterr().err
     )
     assert lora_cli.main([*base, "--resume"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"error: {tmp_path / 'adapters' / RESUME_FILE}: nothing to resume from; train without --resume first"
+        f"error: --resume: {tmp_path / 'adapters'} holds no adapter_config.json; train without --resume first"
     )
     (tmp_path / "config.yaml").write_text("learning_rate: 1e-3\nlr: 5\n")
     with pytest.raises(SystemExit) as exit_:

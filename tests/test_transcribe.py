@@ -282,9 +282,12 @@ def test_temperature_schedule_and_cli_options():
     options = cli.options_from_args(args)
     assert not options.condition_on_previous_text and options.logprob_threshold is None
     assert options.language == "en" and args.output_format == ["srt", "vtt"]
-    for bad in (["--patience", "2"], ["--beam-size", "0"], ["--length-penalty", "3"], ["--language", "xx"]):
+    for bad in (["--patience", "2"], ["--language", "xx"]):  # meaningless together / unknown: the options say
         with pytest.raises(ValueError):
             cli.options_from_args(cli.build_parser().parse_args(["x.wav", *bad]))
+    for bad in (["--beam-size", "0"], ["--length-penalty", "3"]):  # out of range: refused by the parser
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["x.wav", *bad])
 
 
 @pytest.fixture
@@ -309,7 +312,7 @@ def canned(monkeypatch):
             return result
 
     monkeypatch.setenv(NO_REEXEC_ENV, "1")
-    monkeypatch.setattr(cli, "load", lambda *args: object())
+    monkeypatch.setattr(cli, "load", lambda *args: lambda path, options: (object(), options))
     monkeypatch.setattr(tr, "Transcriber", FakeTranscriber)
     return result
 

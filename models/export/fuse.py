@@ -18,6 +18,7 @@ import mlx.nn as nn
 from ..atomic import atomic_folder
 from ..backend import DTYPE_NAMES
 from ..loading import ModelLoadError, load_model, write_model_files
+from ..outputs import check_not_an_input, check_replaceable
 from ..tuner.adapters import load_adapters, read_adapter_config
 from ..tuner.lora import dequantize_model, fuse_lora_layers
 from ..whisper import Whisper
@@ -55,15 +56,42 @@ class FuseConfig:
             raise ValueError("--export-hf must name another folder than --save-path")
 
 
+MLX_FILES = ("config.json", "weights.safetensors", "README.md")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "README.md",
+)
+
+
 def check_outputs(config: FuseConfig) -> None:
-    """Fail before any work when an output folder exists (unless forced) or an input is missing."""
+    """Fail before any work when an input is missing, an output would overwrite an input, or an output
+    folder exists: without --force always, with --force unless every file in it is one fuse.py writes."""
     adapter = Path(config.adapter_path)
     for name in ("adapter_config.json", "adapters.safetensors"):
         if not (adapter / name).is_file():
             raise ModelLoadError(f"{adapter / name}: not found; --adapter-path takes the folder lora.py wrote")
-    for folder in (config.save_path, config.export_hf):
-        if folder is not None and Path(folder).exists() and not config.force:
-            raise FileExistsError(f"{folder} already exists; choose another path or pass --force to replace it")
+    inputs = {"--model": config.model, "--adapter-path": config.adapter_path}
+    for flag, folder, ours in (
+        ("--save-path", config.save_path, MLX_FILES),
+        ("--export-hf", config.export_hf, HF_FILES),
+    ):
+        if folder is None:
+            continue
+        check_not_an_input(flag, folder, inputs)
+        if Path(folder).exists() and not config.force:
+            raise FileExistsError(
+                f"{flag} {folder} already exists; choose another path, or pass --force to replace "
+                f"a model folder fuse.py wrote"
+            )
+        check_replaceable(flag, folder, ours + (".*.tmp",), "fuse.py")
 
 
 def _same_model(a: str, b: str) -> bool:
