@@ -233,12 +233,10 @@ def run_test(args, model, tokenizer, splits, log) -> int:
     with atomic_output(output, "w", encoding="utf-8") as f:
         for p in result.predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        f.write(
-            json.dumps(
-                {"split": name, "clips": len(features), "loss": result.loss, "wer": result.wer, "cer": result.cer}
-            )
-            + "\n"
-        )
+        rates = {"wer": result.wer, "cer": result.cer, "wer_orthographic": result.wer_orthographic,
+                 "cer_orthographic": result.cer_orthographic}  # fmt: skip
+        summary = {"split": name, "clips": len(features), "loss": result.loss, **rates}
+        f.write(json.dumps(summary) + "\n")
     log(f"Test on {name} ({len(features)} clips): {result.summary()}; predictions in {output}")
     return 0
 

@@ -87,3 +87,44 @@ def test_reproduces_reference_summary(name):
     assert w == pytest.approx(summary["wer"], abs=1e-12)
     assert c == pytest.approx(summary["cer"], abs=1e-12)
     assert (round(100 * w, 1), round(100 * c, 1)) == README_NUMBERS[name]
+
+
+# Real transcripts of the shared sets: Telugu vowel signs and virama, Yoruba tone marks and dots below.
+TE = "స్ధిరమతులై సదాభజన సేయు మహాత్ముల పాదధూళి నా"
+YO = "yorùbá nί bί a bá ránni nί iṣẹ ẹrú a fi tọmọ jẹ"
+
+
+@pytest.mark.parametrize("text", [TE, YO, "ọrọ yorùbá miran ni ẹni tó jìn sí kòtò kọ ará yókù lọgbọn"])
+def test_normalising_keeps_every_combining_mark_on_its_letter(text):
+    import unicodedata
+
+    normalised = unicodedata.normalize("NFD", normalize_text(text + ", " + text.upper() + "!"))
+    marks = [c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c).startswith("M")]
+    kept = [c for c in normalised if unicodedata.category(c).startswith("M")]
+    assert len(marks) >= 5 and kept == marks * 2  # every mark kept, in both copies, in order
+    for i, c in enumerate(normalised):
+        if unicodedata.category(c).startswith("M"):
+            assert i > 0 and normalised[i - 1] != " ", (text, i)  # never split from the letter before it
+    assert normalize_text(text + ", " + text.upper() + "!").split() == normalize_text(text).split() * 2
+
+
+def test_one_wrong_vowel_sign_is_one_character_error():
+    wrong = TE.replace("ి", "ీ", 1)  # i -> ii on the first syllable
+    assert char_errors(TE, wrong) == (1, len(normalize_text(TE)))
+    assert word_errors(TE, wrong) == (1, len(TE.split()))
+    # A dropped Yoruba tone mark is one character error, in NFC and NFD spellings alike.
+    import unicodedata
+
+    plain = YO.replace("ù", "u", 1)
+    assert char_errors(YO, plain)[0] == 1
+    assert char_errors(unicodedata.normalize("NFD", YO), plain)[0] == 1
+
+
+def test_orthographic_rates_count_case_and_punctuation():
+    from models.tuner.metrics import corpus_counts, orthographic_text, rates_from_counts
+
+    refs, hyps = ["Hello, world."], ["hello world"]
+    assert rates_from_counts(corpus_counts(refs, hyps)) == (0.0, 0.0)
+    wer_as_written, cer_as_written = rates_from_counts(corpus_counts(refs, hyps, orthographic_text))
+    assert wer_as_written == 1.0 and cer_as_written == 3 / len("Hello, world.")
+    assert orthographic_text("a  b\u00a0c\n") == "a b c"

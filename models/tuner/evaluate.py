@@ -9,7 +9,7 @@ import numpy as np
 from ..inference.decoding import DecodingOptions, decode_batches
 from ..tokenizer import Tokenizer
 from .batches import Features, collate
-from .metrics import corpus_counts, rates_from_counts
+from .metrics import corpus_counts, normalize_text, orthographic_text, rates_from_counts
 
 
 @dataclass
@@ -18,12 +18,16 @@ class EvalResult:
     n_tokens: int
     wer: Optional[float] = None
     cer: Optional[float] = None
+    wer_orthographic: Optional[float] = None  # the text as written: case and punctuation count
+    cer_orthographic: Optional[float] = None
     predictions: List[dict] = field(default_factory=list)  # {"source", "language", "ref", "hyp"}
 
     def summary(self) -> str:
         text = f"loss {self.loss:.3f}"
         if self.wer is not None:
             text += f", WER {100 * self.wer:.1f}%, CER {100 * self.cer:.1f}%"
+        if self.wer_orthographic is not None:
+            text += f" (as written: WER {100 * self.wer_orthographic:.1f}%, CER {100 * self.cer_orthographic:.1f}%)"
         return text
 
 
@@ -93,14 +97,15 @@ def evaluate(
         if decode and features:  # all ranks take part, even one whose shard is empty
             result.predictions = greedy_predictions(model, tokenizer, shard, batch_size)
             result.wer, result.cer = error_rates(result.predictions, world)
+            result.wer_orthographic, result.cer_orthographic = error_rates(result.predictions, world, orthographic_text)
     finally:
         model.train(was_training)
     return result
 
 
-def error_rates(predictions: List[dict], world=None) -> tuple:
-    """Corpus (WER, CER) of {"ref", "hyp"} predictions, the edit counts summed over `world`'s ranks."""
-    counts = corpus_counts([p["ref"] for p in predictions], [p["hyp"] for p in predictions])
+def error_rates(predictions: List[dict], world=None, normalize=normalize_text) -> tuple:
+    """Corpus (WER, CER) of {"ref", "hyp"} predictions after `normalize`, edit counts summed over `world`'s ranks."""
+    counts = corpus_counts([p["ref"] for p in predictions], [p["hyp"] for p in predictions], normalize)
     if world is not None:
         counts = mx.distributed.all_sum(mx.array(counts, dtype=mx.int32), group=world).tolist()
     return rates_from_counts(counts)

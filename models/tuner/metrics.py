@@ -12,10 +12,19 @@ import numpy as np
 
 
 def normalize_text(s: str) -> str:
-    """NFKC, lower case, punctuation and symbols (categories P*, S*) to spaces, collapse spaces."""
+    """NFKC, lower case, punctuation and symbols (categories P*, S*) to spaces, collapse spaces.
+
+    Combining marks (category M*: Telugu vowel signs and virama, Yoruba tone marks) are letters'
+    parts here: they are never replaced or split from the letter they sit on.
+    """
     s = unicodedata.normalize("NFKC", s).lower()
     s = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in s)
     return " ".join(s.split())
+
+
+def orthographic_text(s: str) -> str:
+    """The text as written (case and punctuation kept): only Unicode NFC and runs of spaces unified."""
+    return " ".join(unicodedata.normalize("NFC", s).split())
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
@@ -37,25 +46,26 @@ def edit_distance(ref: Sequence, hyp: Sequence) -> int:
     return int(prev[-1])
 
 
-def word_errors(ref: str, hyp: str) -> tuple[int, int]:
-    """(word edits, reference words) after normalize_text."""
-    r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+def word_errors(ref: str, hyp: str, normalize=normalize_text) -> tuple[int, int]:
+    """(word edits, reference words) after `normalize`."""
+    r, h = normalize(ref).split(), normalize(hyp).split()
     return edit_distance(r, h), len(r)
 
 
-def char_errors(ref: str, hyp: str) -> tuple[int, int]:
-    """(character edits, reference characters incl. spaces) after normalize_text."""
-    r, h = normalize_text(ref), normalize_text(hyp)
+def char_errors(ref: str, hyp: str, normalize=normalize_text) -> tuple[int, int]:
+    """(character edits, reference characters incl. spaces) after `normalize`."""
+    r, h = normalize(ref), normalize(hyp)
     return edit_distance(r, h), len(r)
 
 
-def corpus_counts(refs: Sequence[str], hyps: Sequence[str]) -> list:
-    """[word edits, reference words, character edits, reference characters] summed over the corpus."""
+def corpus_counts(refs: Sequence[str], hyps: Sequence[str], normalize=normalize_text) -> list:
+    """[word edits, reference words, character edits, reference characters] summed over the corpus,
+    after `normalize` (normalize_text, or orthographic_text for the text as written)."""
     if len(refs) != len(hyps):
         raise ValueError(f"got {len(refs)} references but {len(hyps)} hypotheses")
     counts = [0, 0, 0, 0]
     for ref, hyp in zip(refs, hyps):
-        (we, wn), (ce, cn) = word_errors(ref, hyp), char_errors(ref, hyp)
+        (we, wn), (ce, cn) = word_errors(ref, hyp, normalize), char_errors(ref, hyp, normalize)
         counts = [counts[0] + we, counts[1] + wn, counts[2] + ce, counts[3] + cn]
     return counts
 

@@ -215,6 +215,8 @@ class _Run:
             "val_loss": result.loss,
             "val_wer": result.wer,
             "val_cer": result.cer,
+            "val_wer_orthographic": result.wer_orthographic,
+            "val_cer_orthographic": result.cer_orthographic,
             "eval_time": time.perf_counter() - tic,
         }
         trainer.log(f"Iter {step}: val {result.summary()}, took {record['eval_time']:.1f}s")
