@@ -174,3 +174,16 @@ def write_results(folder: Optional[Path], name: str, payload: dict, table: str) 
 
 def fmt(value, spec: str = ".1f", missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
+
+
+def worker_command(python: str, script: str, framework: str, **flags) -> list:
+    """The command line of a benchmark's worker process: `--worker FRAMEWORK --flag value ...`;
+    a flag whose value is True is given alone, False or None leaves it out."""
+    cmd = [python, str(Path(script).resolve()), "--worker", framework]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value is not False and value is not None:
+            cmd += [flag, str(value)]
+    return cmd

@@ -13,7 +13,6 @@ Writes gpu_transcribe.json / .md under --out-dir or $OUT when set.
 
 import argparse
 import sys
-from pathlib import Path
 
 from common import (
     markdown_table,
@@ -24,6 +23,7 @@ from common import (
     time_calls,
     torch_setup,
     transformers_whisper,
+    worker_command,
     worker_main,
     write_results,
 )
@@ -229,24 +229,18 @@ def main() -> int:
                     rows.append(dict(row, skipped="deadline reached"))
                     continue
                 python = sys.executable if framework == "mlx" else args.torch_python
-                cmd = [
+                cmd = worker_command(
                     python,
-                    str(Path(__file__).resolve()),
-                    "--worker",
+                    __file__,
                     framework,
-                    "--size",
-                    size,
-                    "--batch",
-                    str(batch),
-                    "--tokens",
-                    str(args.tokens),
-                    "--dtype",
-                    args.dtype,
-                    "--warmup",
-                    str(args.warmup),
-                    "--runs",
-                    str(args.runs),
-                ] + ["--smoke"] * args.smoke
+                    size=size,
+                    batch=batch,
+                    tokens=args.tokens,
+                    dtype=args.dtype,
+                    warmup=args.warmup,
+                    runs=args.runs,
+                    smoke=bool(args.smoke),
+                )
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(derived(dict(row, **result), size, batch, args.tokens))
                 write_results(folder, args.name, {"args": vars(args), "rows": rows}, table(rows))

@@ -15,7 +15,6 @@ Writes train_step.json / train_step.md under --out-dir or $OUT when set.
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import Optional
 
 from common import (
@@ -28,6 +27,7 @@ from common import (
     time_calls,
     torch_setup,
     transformers_whisper,
+    worker_command,
     worker_main,
     write_results,
 )
@@ -333,27 +333,21 @@ def run_all(args, save) -> list:
                     rows.append(dict(row, skipped="deadline reached"))
                     continue
                 python = sys.executable if framework.startswith("mlx") else args.torch_python
-                cmd = [
+                cmd = worker_command(
                     python,
-                    str(Path(__file__).resolve()),
-                    "--worker",
+                    __file__,
                     framework,
-                    "--size",
-                    size,
-                    "--batch",
-                    str(batch),
-                    "--tokens",
-                    str(args.tokens),
-                    "--dtype",
-                    args.dtype,
-                    "--warmup",
-                    str(args.warmup),
-                    "--steps",
-                    str(args.steps),
-                    "--stage-steps",
-                    str(args.stage_steps),
-                ]
-                cmd += ["--stages"] * args.stages + ["--smoke"] * args.smoke + ["--kernels"] * args.kernels
+                    size=size,
+                    batch=batch,
+                    tokens=args.tokens,
+                    dtype=args.dtype,
+                    warmup=args.warmup,
+                    steps=args.steps,
+                    stage_steps=args.stage_steps,
+                    stages=bool(args.stages),
+                    smoke=bool(args.smoke),
+                    kernels=bool(args.kernels),
+                )
                 result = run_worker(cmd, min(args.timeout, seconds_left(args.deadline)))
                 rows.append(add_rates(dict(row, **result), size, batch, args.tokens, args.peak_tflops))
                 print(f"{framework} {size} b{batch}: {one_line(rows[-1])}", file=sys.stderr, flush=True)

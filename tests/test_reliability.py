@@ -403,28 +403,7 @@ def scraped_folder(folder: Path) -> Path:
 
 def test_bad_rows_do_not_kill_a_training_run(tmp_path, model_folder, capsys):
     data = scraped_folder(tmp_path / "scraped")
-    code = lora_cli.main(
-        [
-            "--model",
-            str(model_folder),
-            "--data",
-            str(data),
-            "--language",
-            "en",
-            "--val-fraction",
-            "0",
-            "--adapter-path",
-            str(tmp_path / "adapters"),
-            "--iters",
-            "2",
-            "--batch-size",
-            "2",
-            "--steps-per-eval",
-            "0",
-            "--lora-rank",
-            "4",
-        ]
-    )
+    code = lora_cli.main(lora_args(model_folder, data, tmp_path / "adapters", "--iters", "2"))
     out = capsys.readouterr().out
     assert code == 0, out
     report = next(line for line in out.splitlines() if line.startswith("train: "))
