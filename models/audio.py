@@ -153,6 +153,7 @@ def _hann_window() -> np.ndarray:
 # --- Features: one 30 s window at a time --------------------------------------------------
 
 LAZY_AFTER_SECONDS = 600.0  # longer 16 kHz files are read block by block instead of at once
+SILENCE_PEAK = 1e-4  # -80 dBFS, about 3 steps of 16-bit audio: a window below it holds no speech
 
 
 class ArraySource:
@@ -232,6 +233,14 @@ class MelWindows:
         log_spec = np.log10(np.maximum(self._power(seek, stop), np.float32(1e-10)))
         log_spec = (np.maximum(log_spec, self.log_max - 8.0) + 4.0) / 4.0
         return pad_or_trim(log_spec, N_FRAMES)
+
+    def is_silent(self, seek: int) -> bool:
+        """Whether the audio of the window at `seek` never rises above SILENCE_PEAK (-80 dBFS).
+
+        Whisper writes words into digital silence ("you", "Thank you."); no speech is that quiet.
+        """
+        samples = self.source.read(seek * HOP_LENGTH, min((seek + N_FRAMES) * HOP_LENGTH, self.n_samples))
+        return samples.size == 0 or float(np.abs(samples).max()) < SILENCE_PEAK
 
     def _samples(self, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) of the audio plus one hop of zeros, reflect-padded by N_FFT // 2."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import SHARED
 from models.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
 from models.tokenizer import get_tokenizer
 from models.tuner import batches
@@ -23,7 +24,7 @@ from models.tuner.batches import (
 )
 from models.tuner.datasets import DropReport, Example, load_hf_dataset, load_local_dataset, read_manifest
 
-TE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "te"
+TE_DATA = SHARED / "data" / "te"
 
 
 @pytest.fixture(scope="module")

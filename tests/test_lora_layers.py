@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import tiny_dims
+from conftest import tiny_dims, tiny_whisper
 from models.tuner.lora import (
     DEFAULT_TARGETS,
     VALID_TARGETS,
@@ -24,12 +24,12 @@ from models.tuner.lora import (
 from models.whisper import Whisper
 
 N_LAYERS = 3
-DIMS = tiny_dims(n_audio_ctx=16, n_audio_head=4, n_audio_layer=N_LAYERS, n_text_head=4, n_text_layer=N_LAYERS)
+SHAPE = dict(n_audio_ctx=16, n_audio_head=4, n_audio_layer=N_LAYERS, n_text_head=4, n_text_layer=N_LAYERS)
+DIMS = tiny_dims(**SHAPE)
 
 
-def tiny_model(seed: int = 0) -> Whisper:
-    mx.random.seed(seed)
-    model = Whisper(DIMS)
+def base_model(seed: int = 0) -> Whisper:
+    model = tiny_whisper(seed, **SHAPE)
     # The decoder's positional embedding starts at zero; give it values so it matters.
     shape = (DIMS.n_text_ctx, DIMS.n_text_state)
     model.decoder.positional_embedding = 0.02 * mx.random.normal(shape)
@@ -100,7 +100,7 @@ def test_lora_linear_keeps_input_dtype_and_scale_override():
 
 
 def test_fresh_adapter_changes_nothing():
-    model = tiny_model()
+    model = base_model()
     mel, tokens = inputs()
     before = model(mel, tokens)
     config = LoRAConfig(targets=list(VALID_TARGETS), dropout=0.1)
@@ -113,7 +113,7 @@ def test_fresh_adapter_changes_nothing():
 
 
 def test_fused_model_equals_unfused():
-    model = tiny_model()
+    model = base_model()
     mel, tokens = inputs()
     base = model(mel, tokens)
     linear_to_lora_layers(model, LoRAConfig(targets=list(VALID_TARGETS), rank=4, alpha=8.0))
@@ -129,7 +129,7 @@ def test_fused_model_equals_unfused():
 
 
 def test_trainable_parameters_are_only_lora_tensors():
-    model = tiny_model()
+    model = base_model()
     config = LoRAConfig(rank=4)  # default targets
     linear_to_lora_layers(model, config)
     names = [k for k, _ in tree_flatten(model.trainable_parameters())]
@@ -147,7 +147,7 @@ def test_trainable_parameters_are_only_lora_tensors():
 
 
 def test_num_layers_selects_last_blocks():
-    model = tiny_model()
+    model = base_model()
     linear_to_lora_layers(model, LoRAConfig(num_layers=2))
     for stack in (model.encoder, model.decoder):
         kinds = [type(block.attn.query) for block in stack.blocks]
@@ -156,21 +156,21 @@ def test_num_layers_selects_last_blocks():
         assert type(stack.blocks[-1].attn.key) is nn.Linear  # not a default target
     assert type(model.decoder.blocks[1].cross_attn.value) is LoRALinear
 
-    model = tiny_model()
+    model = base_model()
     linear_to_lora_layers(model, LoRAConfig(num_layers=-1))
     for stack in (model.encoder, model.decoder):
         assert all(type(block.attn.query) is LoRALinear for block in stack.blocks)
 
 
 def test_num_layers_beyond_model_adapts_all_blocks_with_warning():
-    model = tiny_model()
+    model = base_model()
     with pytest.warns(UserWarning, match="exceeds"):
         linear_to_lora_layers(model, LoRAConfig(num_layers=N_LAYERS + 5))
     assert all(type(block.attn.query) is LoRALinear for block in model.encoder.blocks)
 
 
 def test_freeze_encoder_leaves_encoder_untouched():
-    model = tiny_model()
+    model = base_model()
     encoder_before = {k: v for k, v in tree_flatten(model.encoder.parameters())}
     linear_to_lora_layers(model, LoRAConfig(targets=list(VALID_TARGETS), freeze_encoder=True))
     assert not lora_layers(model.encoder)
@@ -190,7 +190,7 @@ def test_freeze_encoder_leaves_encoder_untouched():
 
 
 def test_converting_twice_is_an_error():
-    model = tiny_model()
+    model = base_model()
     linear_to_lora_layers(model, LoRAConfig())
     with pytest.raises(ValueError, match="already has a LoRA layer"):
         linear_to_lora_layers(model, LoRAConfig())
@@ -199,8 +199,8 @@ def test_converting_twice_is_an_error():
 # --- QLoRA -------------------------------------------------------------------
 
 
-def quantized_tiny_model() -> Whisper:
-    model = tiny_model()
+def quantized_model() -> Whisper:
+    model = base_model()
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     assert isinstance(model.decoder.blocks[0].attn.query, nn.QuantizedLinear)
@@ -208,7 +208,7 @@ def quantized_tiny_model() -> Whisper:
 
 
 def test_quantized_base_trains_only_adapters_and_fuse_dequantizes():
-    model = quantized_tiny_model()
+    model = quantized_model()
     mel, tokens = inputs()
     base = model(mel, tokens)
     linear_to_lora_layers(model, LoRAConfig(targets=list(VALID_TARGETS), rank=4))
@@ -233,7 +233,7 @@ def test_quantized_base_trains_only_adapters_and_fuse_dequantizes():
 
 
 def test_quantized_fuse_can_requantize():
-    model = quantized_tiny_model()
+    model = quantized_model()
     linear_to_lora_layers(model, LoRAConfig(rank=4))
     randomise_lora_b(model)
     lora = model.decoder.blocks[0].attn.query
@@ -248,8 +248,8 @@ def test_quantized_fuse_can_requantize():
 
 
 def test_dequantize_model_and_parameter_count():
-    float_count = parameter_count(tiny_model())
-    model = quantized_tiny_model()
+    float_count = parameter_count(base_model())
+    model = quantized_model()
     assert isinstance(model.decoder.token_embedding, nn.QuantizedEmbedding)
     assert parameter_count(model) == float_count
     mel, tokens = inputs()
@@ -282,7 +282,7 @@ def test_config_round_trip():
 
 
 def test_config_scale_reaches_layers():
-    model = tiny_model()
+    model = base_model()
     linear_to_lora_layers(model, LoRAConfig(rank=4, alpha=32.0))
     assert all(m.scale == 8.0 for m in lora_layers(model).values())
 
@@ -313,4 +313,4 @@ def test_unknown_target_is_an_error_listing_valid_ones():
     config = LoRAConfig()
     config.targets = ["mlp3"]  # bypasses __post_init__; conversion must still check
     with pytest.raises(ValueError, match="mlp3"):
-        linear_to_lora_layers(tiny_model(), config)
+        linear_to_lora_layers(base_model(), config)

@@ -2,13 +2,24 @@
 
 import json
 import random
-from pathlib import Path
+import unicodedata
 
 import pytest
 
-from models.tuner.metrics import cer, char_errors, edit_distance, normalize_text, wer, word_errors
+from conftest import SHARED
+from models.tuner.metrics import (
+    cer,
+    char_errors,
+    corpus_counts,
+    edit_distance,
+    normalize_text,
+    orthographic_text,
+    rates_from_counts,
+    wer,
+    word_errors,
+)
 
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "reference"
+REFERENCE = SHARED / "data" / "reference"
 # Rounded numbers from the reference README, as percentages: (WER, CER).
 README_NUMBERS = {
     "en-read": (7.8, 3.2),
@@ -96,8 +107,6 @@ YO = "yorùbá nί bί a bá ránni nί iṣẹ ẹrú a fi tọmọ jẹ"
 
 @pytest.mark.parametrize("text", [TE, YO, "ọrọ yorùbá miran ni ẹni tó jìn sí kòtò kọ ará yókù lọgbọn"])
 def test_normalising_keeps_every_combining_mark_on_its_letter(text):
-    import unicodedata
-
     normalised = unicodedata.normalize("NFD", normalize_text(text + ", " + text.upper() + "!"))
     marks = [c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c).startswith("M")]
     kept = [c for c in normalised if unicodedata.category(c).startswith("M")]
@@ -113,16 +122,12 @@ def test_one_wrong_vowel_sign_is_one_character_error():
     assert char_errors(TE, wrong) == (1, len(normalize_text(TE)))
     assert word_errors(TE, wrong) == (1, len(TE.split()))
     # A dropped Yoruba tone mark is one character error, in NFC and NFD spellings alike.
-    import unicodedata
-
     plain = YO.replace("ù", "u", 1)
     assert char_errors(YO, plain)[0] == 1
     assert char_errors(unicodedata.normalize("NFD", YO), plain)[0] == 1
 
 
 def test_orthographic_rates_count_case_and_punctuation():
-    from models.tuner.metrics import corpus_counts, orthographic_text, rates_from_counts
-
     refs, hyps = ["Hello, world."], ["hello world"]
     assert rates_from_counts(corpus_counts(refs, hyps)) == (0.0, 0.0)
     wer_as_written, cer_as_written = rates_from_counts(corpus_counts(refs, hyps, orthographic_text))

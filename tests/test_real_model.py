@@ -173,3 +173,14 @@ def test_cli_writes_parseable_subtitles(tmp_path, monkeypatch, capsys):
     assert len(cues) == len(vtt) == len(result["segments"]) >= 1
     assert normalize_text(" ".join(c.content for c in cues)) == normalize_text(text)
     assert cues[-1].end.total_seconds() <= 11.1
+
+
+def test_silence_and_noise_give_no_words(model):
+    """30 s of digital silence (any language) and of white noise: no hallucinated words. whisper-base
+    says "you" into silence unless the window is recognised as silent."""
+    silence = np.zeros(30 * SAMPLE_RATE, np.float32)
+    noise = (0.1 * np.random.default_rng(0).standard_normal(30 * SAMPLE_RATE)).astype(np.float32)
+    cases = [(silence, None), (silence, "en"), (silence + 3e-5, "te"), (noise, None)]  # 3e-5: dither below -80 dBFS
+    for audio, language in cases:
+        result = transcribe(model, audio, language=language)
+        assert result["text"] == "" and result["segments"] == [], (language, result["text"])

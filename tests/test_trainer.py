@@ -4,7 +4,6 @@ gradient accumulation and checkpointing, adapter files."""
 import json
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,19 +12,21 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import tiny_dims
+from conftest import tiny_dims, tiny_whisper
 from models.loading import ModelLoadError
 from models.tokenizer import get_tokenizer
 from models.tuner.adapters import AdapterFolder, load_adapters, save_adapters
 from models.tuner.batches import Features, collate, label_tokens
 from models.tuner.lora import VALID_TARGETS, LoRAConfig, LoRALinear, linear_to_lora_layers
 from models.tuner.trainer import Trainer, TrainingArgs, TrainingStopped, loss_fn, train
-from models.whisper import ModelDimensions, Whisper
+from models.whisper import Whisper
 
 # 16 audio positions (32 mel frames) keep the encoder cheap. The full vocabulary is needed
 # wherever the loop decodes (validation); elsewhere 1024 tokens make the logits 50x cheaper.
-DIMS = tiny_dims(n_audio_ctx=16, n_text_ctx=64)
-SMALL = replace(DIMS, n_vocab=1024)
+SHAPE = dict(n_audio_ctx=16, n_text_ctx=64)
+SMALL_VOCAB = 1024
+DIMS = tiny_dims(**SHAPE)
+FULL_VOCAB = DIMS.n_vocab
 ALL_TARGETS = list(VALID_TARGETS)
 
 
@@ -34,9 +35,10 @@ def tokenizer():
     return get_tokenizer(multilingual=True, num_languages=99, language="en", task="transcribe")
 
 
-def tiny_model(dims: ModelDimensions = SMALL, seed: int = 0) -> Whisper:
-    mx.random.seed(seed)
-    model = Whisper(dims)
+def base_model(seed: int = 0, n_vocab: int = SMALL_VOCAB, **overrides) -> Whisper:
+    """`tiny_whisper` of SHAPE and `overrides`, set up so that training can fit a batch."""
+    model = tiny_whisper(seed, **SHAPE, n_vocab=n_vocab, **overrides)
+    dims = model.dims
     # A random final layer norm caps the logits near +-8: a gain of 4 lets the model become
     # confident. The positional embedding starts at zero; give it values so positions differ.
     model.decoder.ln.weight = 4 * mx.ones((dims.n_text_state,))
@@ -46,10 +48,10 @@ def tiny_model(dims: ModelDimensions = SMALL, seed: int = 0) -> Whisper:
 
 
 def lora_model(
-    dims: ModelDimensions = SMALL, seed: int = 0, rank: int = 8, dropout: float = 0.0, lora_seed: int = 0
+    seed: int = 0, rank: int = 8, dropout: float = 0.0, lora_seed: int = 0, n_vocab: int = SMALL_VOCAB
 ) -> Whisper:
-    """A tiny model with LoRA on every target; the same seeds give the same weights and adapters."""
-    model = tiny_model(dims, seed)
+    """A base model with LoRA on every target; the same seeds give the same weights and adapters."""
+    model = base_model(seed, n_vocab)
     mx.random.seed(lora_seed)
     linear_to_lora_layers(model, LoRAConfig(rank=rank, targets=ALL_TARGETS, dropout=dropout))
     mx.eval(model.parameters())
@@ -203,7 +205,9 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
         results.append(
             (loss.item(), dict(tree_flatten(grads)), step_loss.item(), dict(tree_flatten(model.trainable_parameters())))
         )
-        assert all(getattr(b, "_grad_checkpoint", False) == checkpoint for b in model.decoder.blocks)
+        # Checkpointed blocks keep no activations, so in training mode they return no key/value cache.
+        _, cache, _ = model.decoder(batch.inputs[:, :3], model.embed_audio(batch.mel))
+        assert all((block_cache is None) == checkpoint for block_cache in cache)
     (loss_a, grads_a, step_a, weights_a), (loss_b, grads_b, step_b, weights_b) = results
     assert abs(loss_a - loss_b) < 1e-5 and abs(step_a - step_b) < 1e-5
     assert_same_weights(grads_a, grads_b, atol=1e-5)
@@ -211,7 +215,7 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
 
     # Only the trained model's blocks are checkpointed: another model in training mode still
     # returns its key/value cache (decoding relies on it).
-    other = tiny_model()
+    other = base_model()
     other.train()
     _, cache, _ = other.decoder(batch.inputs[:, :3], other.embed_audio(batch.mel))
     assert cache[0] is not None and cache[0][0] is not None
@@ -233,14 +237,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     args = dict(iters=6, warmup=2, learning_rate=1e-2, steps_per_eval=3, best_metric="loss")
     straight, parts = tmp_path / "straight", tmp_path / "parts"
 
-    run_training(lora_model(DIMS, dropout=0.2), straight, args_for(**args), train_set, val_set, tokenizer)
-    run_training(lora_model(DIMS, dropout=0.2), parts, args_for(stop_after=3, **args), train_set, val_set, tokenizer)
+    def model(lora_seed: int = 0):
+        return lora_model(lora_seed=lora_seed, dropout=0.2, n_vocab=FULL_VOCAB)
+
+    run_training(model(), straight, args_for(**args), train_set, val_set, tokenizer)
+    run_training(model(), parts, args_for(stop_after=3, **args), train_set, val_set, tokenizer)
     assert mx.load(str(parts / "resume.safetensors"), return_metadata=True)[1]["step"] == "3"
     assert max(r["step"] for r in metrics(parts)) == 3
     # Differently initialised adapters: everything must come from the resume file.
-    run_training(
-        lora_model(DIMS, lora_seed=5, dropout=0.2), parts, args_for(**args), train_set, val_set, tokenizer, resume=True
-    )
+    run_training(model(lora_seed=5), parts, args_for(**args), train_set, val_set, tokenizer, resume=True)
 
     assert_same_weights(read_weights(straight / "adapters.safetensors"), read_weights(parts / "adapters.safetensors"))
     assert_same_weights(
@@ -294,7 +299,7 @@ def test_nan_loss_stops_before_evaluating_or_saving(tmp_path, tokenizer):
     args = args_for(iters=10, save_every=2, steps_per_report=10, steps_per_eval=3, best_metric="loss")
     with pytest.raises(TrainingStopped, match=r"^Iter 3: training loss is nan\b.*; stopped without saving"):
         run_training(
-            lora_model(DIMS),
+            lora_model(n_vocab=FULL_VOCAB),
             tmp_path,
             args,
             train_set,
@@ -329,6 +334,7 @@ def test_overflowing_weights_are_never_saved(tmp_path):
         read_weights(tmp_path / "adapters.safetensors"),
         read_weights(tmp_path / "checkpoints" / "0000002_adapters.safetensors"),
     )
+    assert not (tmp_path / "checkpoints" / "0000004_adapters.safetensors").exists()  # a save step, skipped
 
 
 # ---------------------------------------------------------------- adapter files
@@ -337,38 +343,38 @@ def test_overflowing_weights_are_never_saved(tmp_path):
 def test_adapters_round_trip_onto_a_fresh_model(tmp_path):
     model = lora_model(rank=4)
     randomise_lora_b(model)
-    config = {"lora": LoRAConfig(rank=4, targets=ALL_TARGETS).to_dict(), "model_dims": SMALL.to_dict()}
+    config = {"lora": LoRAConfig(rank=4, targets=ALL_TARGETS).to_dict(), "model_dims": model.dims.to_dict()}
     save_adapters(model, tmp_path, config)
     batch = collate(small_vocab_features([3, 6]))
     model.eval()
     expected = model(batch.mel, batch.inputs)
 
-    fresh = load_adapters(tiny_model(), tmp_path)
+    fresh = load_adapters(base_model(), tmp_path)
     assert mx.array_equal(fresh(batch.mel, batch.inputs), expected).item()
-    assert not mx.allclose(tiny_model()(batch.mel, batch.inputs), expected).item()  # the adapters matter
+    assert not mx.allclose(base_model()(batch.mel, batch.inputs), expected).item()  # the adapters matter
 
 
 def test_adapters_for_another_model_size_are_refused(tmp_path):
     model = lora_model(rank=4)
-    config = {"lora": LoRAConfig(rank=4, targets=ALL_TARGETS).to_dict(), "model_dims": SMALL.to_dict()}
+    config = {"lora": LoRAConfig(rank=4, targets=ALL_TARGETS).to_dict(), "model_dims": model.dims.to_dict()}
     save_adapters(model, tmp_path, config)
-    other = replace(SMALL, n_audio_state=32, n_text_state=32)
+    other = dict(n_audio_state=32, n_text_state=32)
     with pytest.raises(ModelLoadError, match=r"another model size.*'n_text_state': \(64, 32\)"):
-        load_adapters(tiny_model(other), tmp_path)
+        load_adapters(base_model(**other), tmp_path)
     # Without the recorded model shape, the strict load names the first tensor that does not fit.
     del config["model_dims"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     pattern = r"tensor decoder\.blocks\.0\.attn\.key\.lora_a has shape \(64, 4\), this model needs \(32, 4\)"
     with pytest.raises(ModelLoadError, match=pattern):
-        load_adapters(tiny_model(other), tmp_path)
+        load_adapters(base_model(**other), tmp_path)
 
 
 def test_adapters_without_config_are_refused(tmp_path):
     save_adapters(lora_model(rank=4), tmp_path, {"lora": {}})
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ModelLoadError, match=r"no adapter_config\.json.*--adapter-path"):
-        load_adapters(tiny_model(), tmp_path)
+        load_adapters(base_model(), tmp_path)
     (tmp_path / "adapters.safetensors").unlink()
     (tmp_path / "adapter_config.json").write_text(json.dumps({"lora": LoRAConfig(rank=4).to_dict()}))
     with pytest.raises(ModelLoadError, match=r"adapters\.safetensors: adapter weights not found"):
-        load_adapters(tiny_model(), tmp_path)
+        load_adapters(base_model(), tmp_path)

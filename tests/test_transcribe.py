@@ -148,7 +148,8 @@ class ScriptedTranscriber(tr.Transcriber):
 
 def run_script(tiny_model, seconds, script, **options):
     transcriber = ScriptedTranscriber(tiny_model, TranscribeOptions(language="en", **options), script)
-    return transcriber.run(np.zeros(int(seconds * SAMPLE_RATE), np.float32)), transcriber.calls
+    # A quiet constant level, not digital silence: silent windows are skipped before decoding.
+    return transcriber.run(np.full(int(seconds * SAMPLE_RATE), 0.01, np.float32)), transcriber.calls
 
 
 def test_seek_loop_advances_by_timestamps_and_terminates(tiny_model):
@@ -380,3 +381,10 @@ def test_cli_transcribes_with_a_real_model_folder(tmp_path, model_folder, monkey
     assert code == 0
     result = json.loads((tmp_path / "tone.json").read_text(encoding="utf-8"))
     assert result["language"] == "en" and isinstance(result["segments"], list)
+
+
+def test_digitally_silent_windows_are_skipped_without_decoding():
+    quiet = np.full(40 * SAMPLE_RATE, 0.01, np.float32)
+    quiet[: 30 * SAMPLE_RATE] = 0.0  # the first window is digital silence, the rest is not
+    windows = MelWindows(ArraySource(quiet))
+    assert windows.is_silent(0) and not windows.is_silent(3000) and windows.is_silent(10**6)

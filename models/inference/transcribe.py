@@ -183,6 +183,9 @@ class Transcriber:
         options, seek = self.options, state.seek
         segment_frames = min(N_FRAMES, windows.content_frames - seek)
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+        if windows.is_silent(seek):  # nothing to hear: decoding would only invent words
+            state.seek = seek + segment_frames
+            return
         features = self.features_at(windows, seek)
         prompt = state.all_tokens[state.prompt_reset_since :]
         result = self.decode_window(features, prompt)
