@@ -264,6 +264,25 @@ def check_outputs(args, training: bool) -> None:
         check_replaceable("--adapter-path", args.adapter_path, FILES_WRITTEN, "lora.py")
     if args.test_output is not None:
         check_not_an_input("--test-output", args.test_output, {**inputs, "--adapter-path": args.adapter_path})
+        check_predictions_file(Path(args.test_output))
+
+
+def check_predictions_file(path: Path) -> None:
+    """--test-output may replace an earlier predictions file of lora.py --test, and nothing else."""
+    from models.outputs import OutputPathError
+
+    if not path.exists():
+        return
+    try:
+        last = path.read_text(encoding="utf-8").splitlines()[-1]
+        ours = path.is_file() and {"split", "clips", "wer", "cer"} <= set(json.loads(last))
+    except (OSError, UnicodeDecodeError, IndexError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputPathError(
+            f"--test-output {path} exists and is not a predictions file of lora.py --test; it is "
+            f"left as it is: choose another --test-output"
+        )
 
 
 def check_resume(folder, identity: dict) -> None:

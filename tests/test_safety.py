@@ -143,6 +143,20 @@ def test_transcribe_output_dir_cannot_be_inside_the_model(tmp_path, model_folder
     assert snapshot(model) == before
 
 
+def test_lora_test_output_replaces_only_its_own_predictions(tmp_path, model_folder, clips, capsys):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"mine": true}\n')
+    argv = ["--test", "--model", str(model_folder), "--data", str(clips), "--language", "en",
+            "--adapter-path", str(tmp_path / "none"), "--batch-size", "4"]  # fmt: skip
+    assert lora_cli.main([*argv, "--test-output", str(notes)]) == 1
+    assert "is not a predictions file of lora.py --test" in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": true}\n'
+    predictions = tmp_path / "predictions.jsonl"
+    for _ in range(2):  # written, then replaced: it is lora.py's own file
+        assert lora_cli.main([*argv, "--test-output", str(predictions)]) == 0
+    assert json.loads(predictions.read_text().splitlines()[-1])["clips"] == 4
+
+
 # ---------------------------------------------------------------- 2. two runs, one folder
 
 
