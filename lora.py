@@ -40,7 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_data_flags(p)
     _lora_flags(p.add_argument_group("LoRA"))
     _training_flags(p.add_argument_group("training"))
+    _recipe_flags(p.add_argument_group("what the adapter keeps (labels, extra examples, augmentation)"))
     return p
+
+
+def _recipe_flags(g) -> None:
+    share = number(float, 0, 1)
+    g.add_argument(
+        "--timestamp-prob", type=share, default=0.0, help="share of labels with timestamps <|0.00|> text <|end|>"
+    )
+    g.add_argument(
+        "--prompt-prob",
+        type=share,
+        default=0.0,
+        help="share of labels after a previous-text prompt (same speaker/recording, else random; not trained on)",
+    )
+    g.add_argument(
+        "--no-speech-fraction",
+        type=number(float, 0),
+        default=0.0,
+        help="add this many no-speech windows (silence, noise) per training clip, labelled <|nospeech|>",
+    )
+    g.add_argument("--mix-data", help="another local dataset mixed into training (replay), e.g. English clips")
+    g.add_argument(
+        "--mix-fraction",
+        type=number(float, 0, 1, low_open=True, high_open=True),
+        default=0.1,
+        help="share of the training examples drawn from --mix-data",
+    )
+    g.add_argument("--spec-augment", action="store_true", help="SpecAugment: mask mel bands and runs of frames")
 
 
 def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
@@ -105,6 +133,11 @@ def _training_flags(g) -> None:
         "--test", action="store_true", help="evaluate on the test split (validation if none): WER/CER + predictions"
     )
     g.add_argument("--test-output", help="predictions JSONL of --test (default: ADAPTER_PATH/test_predictions.jsonl)")
+    g.add_argument(
+        "--no-report",
+        action="store_true",
+        help="with adapters, --test also scores the base model and writes test_report.md/.png; skip that",
+    )
     g.add_argument("--iters", type=number(int, 1), default=200)
     g.add_argument(
         "--epochs",
@@ -180,10 +213,11 @@ def load_splits(args) -> Dict[str, object]:
     }
 
 
-def featurize(examples, tokenizer, n_mels: int, args, what: str, log, verbose: bool = True) -> List:
+def featurize(examples, tokenizer, n_mels: int, args, what: str, log, verbose: bool = True, language="") -> List:
     from models.tuner.batches import prepare_examples
 
-    features, report = prepare_examples(examples, tokenizer, n_mels, args.language, verbose=verbose)
+    language = args.language if language == "" else language
+    features, report = prepare_examples(examples, tokenizer, n_mels, language, verbose=verbose)
     log(f"{what}: {report}")
     return features
 
@@ -217,10 +251,13 @@ def training_args(args, n_train: int, log):
     )
 
 
-def run_test(args, model, tokenizer, splits, log) -> int:
-    """Score the test split (validation, or the flat set, when there is none) and write predictions."""
+def run_test(args, model, tokenizer, splits, log, adapters=None) -> int:
+    """Score the test split (validation, or the flat set, when there is none) and write predictions.
+
+    With `adapters` (the folder they came from), the base model scores the same clips too, and a
+    before/after report (Markdown and a per-clip CER plot) is written beside the predictions.
+    """
     from models.atomic import atomic_output
-    from models.tuner.adapters import AdapterFolder
     from models.tuner.evaluate import evaluate
     from models.tuner.trainer import loss_fn
 
@@ -229,16 +266,53 @@ def run_test(args, model, tokenizer, splits, log) -> int:
         raise ValueError("--test found no examples (no test, validation or flat set)")
     features = featurize(splits[name], tokenizer, model.dims.n_mels, args, name, log)
     result = evaluate(model, tokenizer, features, args.batch_size, loss_fn)
-    output = Path(args.test_output) if args.test_output else AdapterFolder(args.adapter_path).predictions
+    output = predictions_path(args)
+    adapted = {"summary": result_summary(name, features, result), "predictions": result.predictions}
     with atomic_output(output, "w", encoding="utf-8") as f:
         for p in result.predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        rates = {"wer": result.wer, "cer": result.cer, "wer_orthographic": result.wer_orthographic,
-                 "cer_orthographic": result.cer_orthographic}  # fmt: skip
-        summary = {"split": name, "clips": len(features), "loss": result.loss, **rates}
-        f.write(json.dumps(summary) + "\n")
+        f.write(json.dumps(adapted["summary"]) + "\n")
     log(f"Test on {name} ({len(features)} clips): {result.summary()}; predictions in {output}")
+    if adapters is not None and not args.no_report:
+        before_after_report(args, model, tokenizer, features, adapted, adapters, log)
     return 0
+
+
+def predictions_path(args) -> Path:
+    from models.tuner.adapters import AdapterFolder
+
+    return Path(args.test_output) if args.test_output else AdapterFolder(args.adapter_path).predictions
+
+
+def report_paths(predictions: Path) -> tuple:
+    """The before/after report beside a predictions file: (Markdown, PNG)."""
+    from models.tuner.adapters import PREDICTIONS_FILE, REPORT_FILE, REPORT_PLOT
+
+    if predictions.name == PREDICTIONS_FILE:
+        return predictions.with_name(REPORT_FILE), predictions.with_name(REPORT_PLOT)
+    return predictions.with_suffix(".md"), predictions.with_suffix(".png")
+
+
+def result_summary(split: str, features, result) -> dict:
+    rates = {"wer": result.wer, "cer": result.cer, "wer_orthographic": result.wer_orthographic,
+             "cer_orthographic": result.cer_orthographic}  # fmt: skip
+    return {"split": split, "clips": len(features), "loss": result.loss, **rates}
+
+
+def before_after_report(args, model, tokenizer, features, adapted: dict, adapters, log) -> None:
+    """The base model on the same clips, and the report of both."""
+    from models.loading import load_model
+    from models.tuner.evaluate import evaluate
+    from models.tuner.report import write_test_report
+    from models.tuner.trainer import loss_fn
+
+    base_model = load_model(args.model, dtype=model.dtype)
+    result = evaluate(base_model, tokenizer, features, args.batch_size, loss_fn)
+    base = {"summary": result_summary(adapted["summary"]["split"], features, result), "predictions": result.predictions}
+    markdown, png = report_paths(predictions_path(args))
+    title = f"{Path(args.model).name} + {adapters}: {adapted['summary']['split']} of {args.data or args.hf_dataset}"
+    write_test_report(base, adapted, markdown, png, title)
+    log(f"Base model on the same clips: {result.summary()}; before/after report in {markdown}")
 
 
 def streamed_batches(args, splits, tokenizer, n_mels: int, world):
@@ -253,18 +327,65 @@ def streamed_batches(args, splits, tokenizer, n_mels: int, world):
     )
 
 
+RECIPE_FLAGS = ("timestamp_prob", "prompt_prob", "no_speech_fraction", "mix_data", "mix_fraction", "spec_augment")
+
+
+def recipe(args) -> dict:
+    """The flags that shape the training examples, as adapter_config.json records them."""
+    return {name: getattr(args, name) for name in RECIPE_FLAGS}
+
+
+def check_recipe(args) -> None:
+    """Flags that shape training examples, refused where they cannot work (before any loading)."""
+    drawn = [f"--{n.replace('_', '-')}" for n in RECIPE_FLAGS if n != "mix_fraction" and getattr(args, n)]
+    if drawn and args.streaming:
+        raise ValueError(f"{', '.join(drawn)} cannot be combined with --streaming yet; download the dataset instead")
+    if args.spec_augment and args.freeze_encoder:
+        raise ValueError("--spec-augment masks the mel features, which --freeze-encoder encodes once; drop one")
+    if args.mix_data is not None and not Path(args.mix_data).exists():
+        raise ValueError(f"--mix-data {args.mix_data} does not exist; pass a local dataset folder")
+
+
+def extra_examples(args, tokenizer, n_mels: int, n_train: int, log, verbose: bool) -> List:
+    """Replay examples from --mix-data and no-speech windows, added to the training set."""
+    from models.tuner.batches import mixed_in, no_speech_examples
+    from models.tuner.datasets import load_local_dataset
+
+    extra = []
+    if args.mix_data is not None:
+        splits = load_local_dataset(args.mix_data, val_fraction=0.0, text_column=args.text_column)
+        pool = featurize(splits["train"], tokenizer, n_mels, args, "--mix-data", log, verbose, language=None)
+        if not pool:
+            raise ValueError(f"--mix-data {args.mix_data}: no usable examples (rows need a language column)")
+        count = round(args.mix_fraction / (1 - args.mix_fraction) * n_train)
+        extra += mixed_in(pool, count, args.seed)
+        log(f"--mix-data: {count} of {len(pool)} clips mixed in ({100 * args.mix_fraction:.0f}% of training)")
+    if args.no_speech_fraction > 0:
+        count = max(1, round(args.no_speech_fraction * n_train))
+        extra += no_speech_examples(tokenizer, n_mels, count, args.seed)
+        log(f"No-speech windows: {count} (silence, noise, hum) labelled <|nospeech|>")
+    return extra
+
+
 def check_outputs(args, training: bool) -> None:
     """Before any work: no output may overwrite an input, and an adapter folder holds only lora.py's files."""
-    from models.outputs import check_not_an_input, check_replaceable
+    from models.outputs import OutputPathError, check_not_an_input, check_replaceable
     from models.tuner.adapters import FILES_WRITTEN
 
-    inputs = {"--model": args.model, "--data": args.data}
+    inputs = {"--model": args.model, "--data": args.data, "--mix-data": args.mix_data}
     if training:
         check_not_an_input("--adapter-path", args.adapter_path, inputs)
         check_replaceable("--adapter-path", args.adapter_path, FILES_WRITTEN, "lora.py")
     if args.test_output is not None:
         check_not_an_input("--test-output", args.test_output, {**inputs, "--adapter-path": args.adapter_path})
         check_predictions_file(Path(args.test_output))
+        for path in report_paths(Path(args.test_output)):
+            check_not_an_input("--test-output", path, {**inputs, "--adapter-path": args.adapter_path})
+            if path.exists() and not Path(args.test_output).exists():
+                raise OutputPathError(
+                    f"--test-output {args.test_output} would write its report over {path}, which lora.py did not "
+                    f"write; it is left as it is: choose another --test-output"
+                )
 
 
 def check_predictions_file(path: Path) -> None:
@@ -315,7 +436,9 @@ def train(args, model, tokenizer, splits, world, log) -> int:
 
 
 def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
+    from models.tuner.augment import SpecAugment
     from models.tuner.batches import encode_features
+    from models.tuner.labels import Labeler
     from models.tuner.lora import linear_to_lora_layers, parameter_count, trainable_parameter_count
     from models.tuner.trainer import Trainer, TrainingStopped
     from models.tuner.trainer import train as train_loop
@@ -333,6 +456,7 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
     train_set = [] if streaming else featurize(splits["train"], tokenizer, n_mels, args, "train", log, rank == 0)
     if not streaming and not train_set:
         raise ValueError("no usable training examples (see the report above)")
+    train_set = train_set + extra_examples(args, tokenizer, n_mels, len(train_set), log, rank == 0)
     if config.freeze_encoder:
         log("Frozen encoder: computing encoder outputs once")
         train_set, val = (
@@ -346,17 +470,23 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
         "training": asdict(training),
         "data": args.data or f"{args.hf_dataset}:{args.hf_config}",
         "language": args.language,
+        "recipe": recipe(args),
     }
     trainer = Trainer(model, tokenizer, training, world=world, log=log)
     source = streamed_batches(args, splits, tokenizer, n_mels, world) if streaming else None
+    labeler = Labeler(tokenizer, train_set, args.timestamp_prob, args.prompt_prob)
+    augment = SpecAugment() if args.spec_augment else None
     try:
-        final = train_loop(trainer, train_set, val, folder, resume=args.resume, batch_source=source)
+        final = train_loop(
+            trainer, train_set, val, folder, resume=args.resume, batch_source=source, labeler=labeler,
+            spec_augment=augment,
+        )  # fmt: skip
     except TrainingStopped as stop:
         log(str(stop))
         return 1
     log(f"Saved adapters to {folder.path}; final validation: {json.dumps(final)}")
     if args.test and rank == 0:  # test predictions are not sharded: rank 0 scores them alone
-        return run_test(args, model, tokenizer, splits, log)
+        return run_test(args, model, tokenizer, splits, log, adapters=folder.path)
     return 0
 
 
@@ -371,6 +501,7 @@ def run(args) -> int:
 
     training = args.train or not args.test
     check_outputs(args, training)
+    check_recipe(args)
     world = init_distributed()
     rank = 0 if world is None else world.rank()
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -381,10 +512,12 @@ def run(args) -> int:
     if training:
         return train(args, model, tokenizer, splits, world, log)
     folder = AdapterFolder(args.adapter_path)  # --test alone: base model, or base + the folder's adapters
+    adapters = None
     if folder.has_config():
         load_adapters(model, folder.path)
+        adapters = folder.path
         log(f"Loaded adapters from {folder.path}")
-    return run_test(args, model, tokenizer, splits, log) if rank == 0 else 0
+    return run_test(args, model, tokenizer, splits, log, adapters) if rank == 0 else 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -278,12 +278,20 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     )
 
 
-def clip_features(audio: np.ndarray, n_mels: int = 80, pad_audio: bool = False) -> np.ndarray:
-    """The (N_FRAMES, n_mels) features of a clip of at most 30 s, as training and evaluation see it.
+# How a clip shorter than 30 s is padded to one window, in training, evaluation and transcription
+# alike: "mel" zero-pads the log-mel (what transcription of any recording does past its end), "audio"
+# pads the samples with silence before the log-mel. benchmarks/padding_policy.py measures both.
+CLIP_PADDING = "mel"
 
-    `pad_audio`: pad the audio with silence to 30 s before the log-mel (frames past the clip
-    are the silence floor); otherwise the log-mel is zero-padded, as transcription does.
+
+def clip_features(audio: np.ndarray, n_mels: int = 80, padding: Optional[str] = None) -> np.ndarray:
+    """The (N_FRAMES, n_mels) features of a clip of at most 30 s: the first window `transcribe` sees.
+
+    `padding` ("mel" or "audio", default CLIP_PADDING) says how the clip is padded to 30 s.
     """
-    if pad_audio:
+    padding = CLIP_PADDING if padding is None else padding
+    if padding not in ("mel", "audio"):
+        raise ValueError(f"padding must be 'mel' or 'audio', got {padding!r}")
+    if padding == "audio":
         audio = pad_or_trim(np.asarray(audio, dtype=np.float32), N_SAMPLES)
     return MelWindows(ArraySource(audio), n_mels).window(0)

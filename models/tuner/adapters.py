@@ -39,6 +39,7 @@ RESUME_FILE = "resume.safetensors"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 PREDICTIONS_FILE = "test_predictions.jsonl"
+REPORT_FILE, REPORT_PLOT = "test_report.md", "test_report.png"  # lora.py --test: base against adapters
 LOCK_INFO = ".lock"  # who holds the folder's lock, for the message a second run prints
 # Everything this project writes into an adapter folder (temp files of atomic writes included);
 # --overwrite refuses a folder holding anything else.
@@ -53,6 +54,11 @@ FILES_WRITTEN = (
     METRICS_FILE,
     LOSS_PLOT,
     PREDICTIONS_FILE,
+    REPORT_FILE,
+    REPORT_PLOT,
+    f"{BEST}/{PREDICTIONS_FILE}",  # lora.py --test --adapter-path ADAPTERS/best writes there
+    f"{BEST}/{REPORT_FILE}",
+    f"{BEST}/{REPORT_PLOT}",
     LOCK_INFO,
     ".*.tmp",
     f"{BEST}/.*.tmp",

@@ -5,25 +5,30 @@ tokens Whisper is trained on), which `iterate_batches` pads into `Batch`es in an
 depends only on (seed, epoch).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..audio import N_SAMPLES, SAMPLE_RATE, clip_features, load_audio
-from ..tokenizer import Tokenizer, language_code
+from ..audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_features, load_audio
+from ..tokenizer import Tokenizer
+from .augment import SpecAugment, no_speech_audio
 from .datasets import DropReport, Example
+from .labels import (  # noqa: F401  (DroppedExample and label_tokens are used from here too)
+    MAX_LABEL_TOKENS,
+    DroppedExample,
+    Labeler,
+    label_tokens,
+    no_speech_labels,
+    segment_windows,
+    text_start,
+    timed_clip,
+    timed_segments,
+)
 
-MAX_LABEL_TOKENS = 448  # the decoder's context (n_text_ctx)
 MAX_PRINTED_PROBLEMS = 10
-
-
-class DroppedExample(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -31,6 +36,9 @@ class Features:
     mel: np.ndarray  # (N_FRAMES, n_mels) float16
     labels: np.ndarray  # (n_tokens,) int32: sot, language, transcribe, notimestamps, text..., eot
     source: str
+    timed: Optional[np.ndarray] = None  # the text with timestamps (labels.py); None for no speech
+    group: Optional[str] = None  # speaker or recording: where a previous-text prompt comes from
+    frames: int = N_FRAMES  # mel frames that hold audio
 
 
 @dataclass
@@ -79,8 +87,11 @@ def iter_features(
     for example in examples:
         report.total += 1
         try:
-            labels = label_tokens(tokenizer, example.text, example.language or default_language, max_label_tokens)
-            mel = _mel_features(example.audio, n_mels)
+            language = example.language or default_language
+            if example.segments is None:
+                found = [_clip_example(example, tokenizer, language, n_mels, max_label_tokens)]
+            else:
+                found = _recording_windows(example, tokenizer, language, n_mels, max_label_tokens)
         except DroppedExample as dropped:
             report.drop(dropped.reason, example.source, dropped.detail)
             if dropped.reason == "unreadable audio" and printed < MAX_PRINTED_PROBLEMS:
@@ -88,58 +99,75 @@ def iter_features(
                 tqdm.write(f"Skipping {example.source}: {dropped.detail}")
             continue
         report.kept += 1
-        yield Features(mel, labels, example.source)
+        yield from found
 
 
-def label_tokens(
-    tokenizer: Tokenizer, text: str, language: Optional[str], max_label_tokens: int = MAX_LABEL_TOKENS
-) -> np.ndarray:
-    """[sot, language, transcribe, notimestamps] + tokens of " text" + [eot] (English-only models: no
-    language or task token). Raises DroppedExample when the example cannot be used."""
-    text = text.strip()
-    if not text:
-        raise DroppedExample("empty transcript")
-    undecodable = next((c for c in text if "\udc80" <= c <= "\udcff"), None)  # kept by surrogateescape
-    if undecodable is not None:
-        raise DroppedExample(
-            "non-UTF-8 text", f"byte 0x{ord(undecodable) - 0xDC00:02x} is not UTF-8; save the manifest as UTF-8"
-        )
-    english_only = tokenizer.encoding.name.startswith("gpt2")  # the vocabulary of the .en models
+def _clip_example(example: Example, tokenizer: Tokenizer, language, n_mels: int, max_label_tokens: int) -> Features:
+    labels = label_tokens(tokenizer, example.text, language, max_label_tokens)
+    samples = _samples(example.audio)
+    if len(samples) > N_SAMPLES:
+        raise DroppedExample("audio longer than 30 s", f"{len(samples) / SAMPLE_RATE:.1f} s; give it segments")
+    timed = timed_clip(tokenizer, labels, len(samples) / SAMPLE_RATE)
+    if len(labels) + 1 > max_label_tokens:  # the timestamped form is one token longer
+        raise DroppedExample("transcript too long", f"{len(labels) + 1} tokens > {max_label_tokens}")
+    return Features(_mel(samples, n_mels), labels, example.source, timed, example.group, _frames(samples))
+
+
+def _recording_windows(example: Example, tokenizer: Tokenizer, language, n_mels: int, max_label_tokens: int):
+    """A long recording with segments: one example per window of at most 30 s (labels.segment_windows)."""
+    samples = _samples(example.audio)
+    duration = len(samples) / SAMPLE_RATE
+    last_end = example.segments[-1]["end"]
+    if last_end > duration + 0.05:
+        raise DroppedExample("segments past the audio", f"the last ends at {last_end:.2f} s of {duration:.2f} s")
     try:
-        code = None if language is None else _language(language)
-        language_token = None if code is None or english_only else tokenizer.to_language_token(code)
+        windows = segment_windows(example.segments)
     except ValueError as e:
-        raise DroppedExample("unknown language", str(e)) from None
-    if english_only and code not in (None, "en"):
-        raise DroppedExample("unknown language", f"{language!r} with an English-only model")
-    if not english_only and code is None:
-        raise DroppedExample("unknown language", "no language column and no default language")
-    sot, no_timestamps = tokenizer.sot, tokenizer.no_timestamps
-    prefix = [sot, no_timestamps] if english_only else [sot, language_token, tokenizer.transcribe, no_timestamps]
-    # Text that looks like "<|en|>" is encoded as plain text, never as a special token.
-    tokens = prefix + tokenizer.encoding.encode(" " + text, disallowed_special=()) + [tokenizer.eot]
-    if len(tokens) > max_label_tokens:
-        raise DroppedExample("transcript too long", f"{len(tokens)} tokens > {max_label_tokens}")
-    return np.array(tokens, dtype=np.int32)
+        raise DroppedExample("segment longer than 30 s", str(e)) from None
+    found = []
+    for k, (start, end, segments) in enumerate(windows):
+        text = " ".join(s["text"].strip() for s in segments)
+        labels = label_tokens(tokenizer, text, language, max_label_tokens)
+        timed = timed_segments(tokenizer, segments, start)
+        if text_start(tokenizer, labels) + len(timed) > max_label_tokens:  # the timestamped form
+            raise DroppedExample("transcript too long", f"window {k} at {start:.2f} s")
+        clip = samples[int(round(start * SAMPLE_RATE)) : int(round(end * SAMPLE_RATE))]
+        source, group = f"{example.source}@{start:.2f}s", example.group or example.source
+        found.append(Features(_mel(clip, n_mels), labels, source, timed, group, _frames(clip)))
+    return found
 
 
-def _language(value: str) -> str:
-    """A language code from a code, a name, or a locale such as 'pt-BR'."""
+def _samples(audio: Union[str, bytes]) -> np.ndarray:
     try:
-        return language_code(value)
-    except ValueError:
-        return language_code(value.replace("_", "-").split("-")[0])
-
-
-def _mel_features(audio: Union[str, bytes], n_mels: int) -> np.ndarray:
-    try:
-        samples = load_audio(audio)
+        return load_audio(audio)
     except Exception as e:  # decoders raise many types; the message names the file
         raise DroppedExample("unreadable audio", str(e)) from None
-    if len(samples) > N_SAMPLES:
-        raise DroppedExample("audio longer than 30 s", f"{len(samples) / SAMPLE_RATE:.1f} s")
-    # Pad the audio (not the mel) to 30 s, so the padding is silence as Whisper saw in training.
-    return clip_features(samples, n_mels, pad_audio=True).astype(np.float16)  # (N_FRAMES, n_mels)
+
+
+def _mel(samples: np.ndarray, n_mels: int) -> np.ndarray:
+    return clip_features(samples, n_mels).astype(np.float16)  # (N_FRAMES, n_mels), as transcribe() sees it
+
+
+def _frames(samples: np.ndarray) -> int:
+    return min(len(samples) // HOP_LENGTH, N_FRAMES)
+
+
+def no_speech_examples(tokenizer: Tokenizer, n_mels: int, count: int, seed: int) -> List[Features]:
+    """`count` windows of silence or noise (augment.no_speech_audio) labelled as no speech, drawn from `seed`."""
+    found = []
+    for i in range(count):
+        kind, samples = no_speech_audio(np.random.default_rng([seed, 7919, i]))
+        source = f"no-speech:{i} ({kind}, {len(samples) / SAMPLE_RATE:.1f} s)"
+        found.append(Features(_mel(samples, n_mels), no_speech_labels(tokenizer), source, frames=_frames(samples)))
+    return found
+
+
+def mixed_in(examples: Sequence[Features], count: int, seed: int) -> List[Features]:
+    """`count` examples drawn from `examples` with `seed` (each once while it lasts, then again)."""
+    rng = np.random.default_rng([seed, 104729])
+    rounds = -(-count // max(len(examples), 1))
+    order = np.concatenate([rng.permutation(len(examples)) for _ in range(rounds)] or [np.zeros(0, int)])
+    return [examples[i] for i in order[:count]]
 
 
 # ---------------------------------------------------------------- batching
@@ -190,18 +218,42 @@ def iterate_batches(
     pad_id: Optional[int] = None,
     rank: int = 0,
     world_size: int = 1,
+    labeler: Optional[Labeler] = None,
+    spec_augment: Optional[SpecAugment] = None,
 ) -> Iterator[Batch]:
     """Padded batches of one epoch in an order fixed by (seed, epoch); `start_batch` skips ahead.
 
     `batch_size` is the global batch: with `world_size` > 1 each rank gets its slice of it.
+    `labeler` (over `features`) draws each row's label sequence and `spec_augment` masks its
+    features, from a generator seeded by (seed, epoch, batch, row): a resumed run draws the same.
     """
     _check_world(batch_size, rank, world_size)
     lengths = [len(f.labels) for f in features]
     order = epoch_batches(
         lengths, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last, sort_window=sort_window
     )
-    for indices in order[start_batch:]:
-        yield _rank_slice([features[i] for i in indices], rank, world_size, pad_to_multiple, pad_id)
+    drawn = labeler is not None and labeler.active or spec_augment is not None
+    for number, indices in enumerate(order[start_batch:], start=start_batch):
+        rows = [features[i] for i in indices]
+        if drawn:
+            rows = [
+                _drawn_row(features, i, labeler, spec_augment, np.random.default_rng([seed, epoch, number, j]))
+                for j, i in enumerate(indices)
+            ]
+        yield _rank_slice(rows, rank, world_size, pad_to_multiple, pad_id)
+
+
+def _drawn_row(features, index: int, labeler: Optional[Labeler], spec_augment, rng) -> Features:
+    """Example `index` with its drawn label sequence (context tokens recorded) and masked features."""
+    f = features[index]
+    labels, context = (f.labels, 0) if labeler is None else labeler.row(index, rng)
+    mel = f.mel if spec_augment is None else spec_augment(f.mel, f.frames, rng)
+    return _Row(mel, labels, f.source, f.timed, f.group, f.frames, context)
+
+
+@dataclass
+class _Row(Features):
+    context: int = 0  # leading targets that are a prompt: masked out of the loss
 
 
 def training_batches(
@@ -243,6 +295,7 @@ def collate(
     for row, f in enumerate(features):
         n = len(f.labels) - 1
         inputs[row, :n], targets[row, :n], mask[row, :n] = f.labels[:-1], f.labels[1:], 0.0 if masked else 1.0
+        mask[row, : getattr(f, "context", 0)] = 0.0  # a previous-text prompt is context, not a target
     mel = mx.array(np.stack([f.mel for f in features])).astype(mx.float32)  # (B, N_FRAMES, n_mels)
     sources = [f.source for f in features]
     return Batch(mel, mx.array(inputs), mx.array(targets), mx.array(mask), int(mask.sum()), sources)
@@ -305,5 +358,5 @@ def encode_features(model, features: Sequence[Features], batch_size: int) -> Lis
         chunk = features[start : start + batch_size]
         mel = mx.array(np.stack([f.mel for f in chunk])).astype(model.dtype)
         encoded = np.array(model.embed_audio(mel).astype(mx.float16))
-        out += [Features(e, f.labels, f.source) for e, f in zip(encoded, chunk)]
+        out += [replace(f, mel=e) for e, f in zip(encoded, chunk)]
     return out

@@ -13,9 +13,12 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from .labels import check_segments
+
 TEXT_COLUMNS = ("sentence", "text", "transcription", "normalized_text")
 AUDIO_COLUMNS = ("file_name", "audio", "path")
 LANGUAGE_COLUMNS = ("language", "locale")
+GROUP_COLUMNS = ("speaker_id", "speaker", "client_id", "recording_id", "recording")  # prompts stay within one
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "valid", "dev", "eval"), "test": ("test",)}
 
 
@@ -25,6 +28,8 @@ class Example:
     text: str
     language: Optional[str]
     source: str  # "file:row", for messages
+    segments: Optional[List[dict]] = None  # [{start, end, text}] of a recording longer than 30 s (JSONL)
+    group: Optional[str] = None  # speaker or recording
 
 
 @dataclass
@@ -129,7 +134,9 @@ def read_manifest(path: Union[str, Path], *, text_column: Optional[str] = None) 
 
     Audio paths (file_name, audio or path) are relative to the manifest's folder; the transcript
     is `text_column` or the first of sentence/text/transcription/normalized_text; the language
-    comes from a language or locale column when there is one.
+    comes from a language or locale column when there is one, the speaker or recording from
+    one of GROUP_COLUMNS. A JSONL row may give `segments` ([{start, end, text}] in seconds)
+    instead of a transcript: a recording of any length, cut into 30 s windows for training.
     """
     path = Path(path)
     if path.is_dir():
@@ -144,10 +151,13 @@ def read_manifest(path: Union[str, Path], *, text_column: Optional[str] = None) 
         audio = row[_pick_column(row, AUDIO_COLUMNS, "audio file", where, f"fix {path.name}")]
         if isinstance(audio, dict):  # {"path": ...}, as some manifests write it
             audio = audio.get("path")
-        text = row[_pick_column(row, text_columns, "transcript", where, f"fix {path.name} or pass text_column=")]
+        segments = check_segments(row["segments"], where) if row.get("segments") is not None else None
+        fix = f"fix {path.name} or pass text_column="
+        text = "" if segments else row[_pick_column(row, text_columns, "transcript", where, fix)]
         language = next((_text(row[c]) for c in LANGUAGE_COLUMNS if _text(row.get(c))), None)
+        group = next((_text(row[c]) for c in GROUP_COLUMNS if _text(row.get(c))), None)
         audio_path = str(path.parent / str(audio)) if audio else ""
-        examples.append(Example(audio_path, _text(text), language, where))
+        examples.append(Example(audio_path, _text(text), language, where, segments, group))
     if not examples:
         raise ValueError(f"{path} has no rows; add one row per audio file")
     return examples

@@ -14,9 +14,11 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..tokenizer import Tokenizer
 from .adapters import AdapterFolder, MetricsLog, load_resume_state, save_resume_state
+from .augment import SpecAugment
 from .batches import Batch, Features, training_batches
 from .distributed import all_sum_tree, any_rank
 from .evaluate import evaluate
+from .labels import Labeler
 from .report import plot_metrics
 
 
@@ -261,11 +263,14 @@ def train(
     folder: AdapterFolder,
     resume: bool = False,
     batch_source: Optional[Callable[[int], Iterator[Batch]]] = None,
+    labeler: Optional[Labeler] = None,
+    spec_augment: Optional[SpecAugment] = None,
 ) -> dict:
     """Run the training loop, saving into `folder` (rank 0 only); returns the last evaluation's numbers.
 
     `batch_source(start)` yields batches from micro-batch `start` on (default: shuffled epochs
-    of `train_set`; streaming datasets pass their own).
+    of `train_set`, with labels drawn by `labeler` and features masked by `spec_augment`;
+    streaming datasets pass their own).
     Ctrl-C saves a resumable checkpoint and returns; a non-finite loss stops without saving.
     """
     args, model, log = trainer.args, trainer.model, trainer.log
@@ -283,6 +288,8 @@ def train(
                 pad_to_multiple=args.pad_to_multiple,
                 rank=trainer.rank,
                 world_size=world_size,
+                labeler=labeler,
+                spec_augment=spec_augment,
             )
 
     batches = batch_source(run.start_step * args.grad_accumulation)
