@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     routes = parse_adapter_routes(args.adapter_path) if args.adapter_path else {}
     if not isinstance(routes, dict):
         p.error("--adapter-path takes LANG=FOLDER pairs")
-    models = {"base": (base, "en"), **{f"{lang}={f}": (with_adapters(base, Path(f)), lang) for lang, f in routes.items()}}
+    models = {"base": (base, "en")}
+    models.update({f"{lang}={f}": (with_adapters(base, Path(f)), lang) for lang, f in routes.items()})
     summary = []
     for name, (model, language) in models.items():
         for row in check(model, language):
