@@ -68,6 +68,12 @@ def _recipe_flags(g) -> None:
         default=0.1,
         help="share of the training examples drawn from --mix-data",
     )
+    g.add_argument(
+        "--pack-fraction",
+        type=number(float, 0),
+        default=0.0,
+        help="add this many 30 s windows of several training clips joined, one timestamped segment each, per clip",
+    )
     g.add_argument("--spec-augment", action="store_true", help="SpecAugment: mask mel bands and runs of frames")
 
 
@@ -327,7 +333,9 @@ def streamed_batches(args, splits, tokenizer, n_mels: int, world):
     )
 
 
-RECIPE_FLAGS = ("timestamp_prob", "prompt_prob", "no_speech_fraction", "mix_data", "mix_fraction", "spec_augment")
+RECIPE_FLAGS = (
+    "timestamp_prob", "prompt_prob", "no_speech_fraction", "pack_fraction", "mix_data", "mix_fraction", "spec_augment"
+)  # fmt: skip
 
 
 def recipe(args) -> dict:
@@ -346,12 +354,15 @@ def check_recipe(args) -> None:
         raise ValueError(f"--mix-data {args.mix_data} does not exist; pass a local dataset folder")
 
 
-def extra_examples(args, tokenizer, n_mels: int, n_train: int, log, verbose: bool) -> List:
-    """Replay examples from --mix-data and no-speech windows, added to the training set."""
-    from models.tuner.batches import mixed_in, no_speech_examples
+def extra_examples(args, examples, tokenizer, n_mels: int, n_train: int, log, verbose: bool) -> List:
+    """Packed windows of training clips, replay examples from --mix-data and no-speech windows."""
+    from models.tuner.batches import mixed_in, no_speech_examples, packed_examples
     from models.tuner.datasets import load_local_dataset
 
     extra = []
+    if args.pack_fraction > 0:
+        count = max(1, round(args.pack_fraction * n_train))
+        extra += featurize(packed_examples(examples, count, args.seed), tokenizer, n_mels, args, "packed", log, verbose)
     if args.mix_data is not None:
         splits = load_local_dataset(args.mix_data, val_fraction=0.0, text_column=args.text_column)
         pool = featurize(splits["train"], tokenizer, n_mels, args, "--mix-data", log, verbose, language=None)
@@ -456,7 +467,8 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
     train_set = [] if streaming else featurize(splits["train"], tokenizer, n_mels, args, "train", log, rank == 0)
     if not streaming and not train_set:
         raise ValueError("no usable training examples (see the report above)")
-    train_set = train_set + extra_examples(args, tokenizer, n_mels, len(train_set), log, rank == 0)
+    extra = extra_examples(args, splits["train"], tokenizer, n_mels, len(train_set), log, rank == 0)
+    train_set = train_set + extra
     if config.freeze_encoder:
         log("Frozen encoder: computing encoder outputs once")
         train_set, val = (

@@ -10,7 +10,16 @@ import pytest
 import soundfile as sf
 
 from conftest import SHARED
-from models.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+from models.audio import (
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    MelWindows,
+    load_audio,
+    log_mel_spectrogram,
+    open_audio,
+    pad_or_trim,
+)
 from models.tokenizer import get_tokenizer
 from models.tuner import batches
 from models.tuner.batches import (
@@ -176,13 +185,16 @@ def test_prepare_examples_drops_and_counts_each_reason(tmp_path, tokenizer):
     assert "\n" not in summary and summary.startswith("kept 1 of 7 examples; dropped 6")
 
 
-def test_features_are_30s_of_float16_mel_from_padded_audio(tmp_path, tokenizer):
+def test_features_are_the_first_window_transcription_sees(tmp_path, tokenizer):
     sf.write(tmp_path / "a.flac", tone(1.0), SAMPLE_RATE)
     example = Example(str(tmp_path / "a.flac"), "hi", None, "a")
     (feature,), report = prepare_examples([example], tokenizer, n_mels=128, default_language="en")
     assert feature.mel.shape == (N_FRAMES, 128) and feature.mel.dtype == np.float16
-    expected = log_mel_spectrogram(pad_or_trim(load_audio(example.audio), N_SAMPLES), 128)[:N_FRAMES]
+    expected = MelWindows(open_audio(example.audio), 128).window(0)  # what transcribe() decodes first
     np.testing.assert_allclose(feature.mel, expected, atol=2e-3)
+    assert feature.frames == 100 and not feature.mel[100:].any()  # zero-padded log-mel past the clip
+    padded = log_mel_spectrogram(pad_or_trim(load_audio(example.audio), N_SAMPLES), 128)[:N_FRAMES]
+    assert np.abs(feature.mel[110:] - padded[110:]).min() > 0.5  # not the padded-audio policy (-0.63)
     assert feature.labels[1] == tokenizer.to_language_token("en")  # the default language
     assert str(report) == "kept 1 of 1 examples"
 

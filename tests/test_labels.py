@@ -260,3 +260,21 @@ def test_resume_is_exact_with_drawn_labels_and_spec_augment(tmp_path, tok):
         assert_same_weights(
             read_weights(straight / "adapters.safetensors"), read_weights(plain / "adapters.safetensors")
         )
+
+
+def test_packed_windows_join_clips_of_one_language_as_timestamped_segments(tmp_path, tok):
+    from models.tuner.batches import packed_examples
+
+    examples = read_manifest(make_clips(tmp_path / "clips"))
+    packed = packed_examples(examples, 3, seed=0)
+    again = packed_examples(examples, 3, seed=0)
+    assert len(packed) == 3 and all(np.array_equal(a.audio, b.audio) for a, b in zip(packed, again))
+    for example in packed:
+        segments = example.segments
+        assert len(segments) == 4 and sorted(s["text"] for s in segments) == [f"clip {i}" for i in range(4)]
+        gaps = [b["start"] - a["end"] for a, b in zip(segments, segments[1:])]
+        assert all(0.2 <= g <= 1.0 for g in gaps) and 0 <= segments[0]["start"] <= 1.0
+        assert abs(len(example.audio) / SAMPLE_RATE - segments[-1]["end"]) < 1e-3
+    (window,) = list(iter_features(packed[:1], tok, 80, None, DropReport()))
+    timestamps = [t for t in window.timed.tolist() if t >= tok.timestamp_begin]
+    assert len(timestamps) == 8 and timestamps == sorted(timestamps)  # a <|start|> <|end|> pair per clip

@@ -184,3 +184,51 @@ def test_silence_and_noise_give_no_words(model):
     for audio, language in cases:
         result = transcribe(model, audio, language=language)
         assert result["text"] == "" and result["segments"] == [], (language, result["text"])
+
+
+def test_lora_test_and_transcribe_give_the_same_text(tmp_path, monkeypatch, capsys):
+    """One feature function and one decoder: `lora.py --test` scores the text `transcribe.py` writes
+    (same clips, model and greedy settings without timestamps), here on four Telugu clips."""
+    import shutil
+
+    import lora
+
+    monkeypatch.setenv(NO_REEXEC_ENV, "1")
+    source = SHARED / "data" / "te" / "validation"
+    rows = list(csv.DictReader(open(source / "metadata.csv", encoding="utf-8")))[:4]
+    data = tmp_path / "te"
+    data.mkdir()
+    for row in rows:
+        shutil.copy(source / row["file_name"], data / row["file_name"])
+    with open(data / "metadata.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    predictions = tmp_path / "predictions.jsonl"
+    argv = ["--test", "--model", str(BASE_MODEL), "--data", str(data), "--dtype", "float32",
+            "--adapter-path", str(tmp_path / "none"), "--test-output", str(predictions)]  # fmt: skip
+    assert lora.main(argv) == 0
+    scored = {json.loads(line)["source"]: json.loads(line)["hyp"] for line in predictions.read_text().splitlines()[:-1]}
+    files = [str(data / row["file_name"]) for row in rows]
+    argv = [
+        *files,
+        "--model",
+        str(BASE_MODEL),
+        "--language",
+        "te",
+        "--without-timestamps",
+        "--temperature",
+        "0",
+        "--temperature-increment-on-fallback",
+        "none",
+        "--no-speech-threshold",
+        "none",  # lora.py --test decodes every clip; transcription may skip a window as no speech
+        "--output-format",
+        "txt",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    assert cli.main(argv) == 0
+    for line, row in enumerate(rows, start=2):
+        written = (tmp_path / "out" / (row["file_name"].rsplit(".", 1)[0] + ".txt")).read_text(encoding="utf-8")
+        assert written.strip() == scored[f"{data / 'metadata.csv'}:{line}"].strip(), row["file_name"]

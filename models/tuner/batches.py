@@ -137,7 +137,9 @@ def _recording_windows(example: Example, tokenizer: Tokenizer, language, n_mels:
     return found
 
 
-def _samples(audio: Union[str, bytes]) -> np.ndarray:
+def _samples(audio: Union[str, bytes, np.ndarray]) -> np.ndarray:
+    if isinstance(audio, np.ndarray):  # joined in memory (packed_examples)
+        return audio
     try:
         return load_audio(audio)
     except Exception as e:  # decoders raise many types; the message names the file
@@ -160,6 +162,35 @@ def no_speech_examples(tokenizer: Tokenizer, n_mels: int, count: int, seed: int)
         source = f"no-speech:{i} ({kind}, {len(samples) / SAMPLE_RATE:.1f} s)"
         found.append(Features(_mel(samples, n_mels), no_speech_labels(tokenizer), source, frames=_frames(samples)))
     return found
+
+
+def packed_examples(examples: Sequence[Example], count: int, seed: int, gaps=(0.2, 1.0)) -> List[Example]:
+    """`count` windows of several training clips of one language joined with `gaps` seconds of
+    silence, up to 30 s, each clip a timestamped segment: what teaches an adapter that speech
+    goes on after the first sentence (long-form transcription) instead of ending the window."""
+    rng, packed = np.random.default_rng([seed, 15485863]), []
+    for i in range(count):
+        first = examples[int(rng.integers(len(examples)))]
+        pool = [e for e in examples if e.language == first.language and e.segments is None]
+        pieces, segments, t = [], [], 0.0
+        for e in (pool[j] for j in rng.permutation(len(pool))):
+            try:
+                clip = _samples(e.audio)
+            except DroppedExample:
+                continue  # counted when the clip itself was prepared
+            gap = float(rng.uniform(*gaps)) if pieces else float(rng.uniform(0.0, gaps[1]))
+            if t + gap + len(clip) / SAMPLE_RATE > 30.0 or not e.text.strip():
+                continue
+            pieces += [np.zeros(int(gap * SAMPLE_RATE), np.float32), clip]
+            start = t + gap
+            t = start + len(clip) / SAMPLE_RATE
+            segments.append({"start": start, "end": t, "text": e.text})
+            if t > 30.0 - gaps[0] - 1.0:
+                break
+        if segments:
+            audio = np.concatenate(pieces).astype(np.float32)
+            packed.append(Example(audio, "", first.language, f"packed:{i} ({len(segments)} clips)", segments))
+    return packed
 
 
 def mixed_in(examples: Sequence[Features], count: int, seed: int) -> List[Features]:
