@@ -13,7 +13,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 flags=(--lora-targets attn.query,attn.key,attn.value,attn.out,cross_attn.query,cross_attn.value,mlp1,mlp2
        --lora-rank 16 --lora-alpha 32 --learning-rate 2e-4 --warmup 20 --iters 300 --batch-size 16
        --steps-per-eval 100)
-recipe=(--timestamp-prob 0.5 --prompt-prob 0.2 --no-speech-fraction 0.25 --pack-fraction 0.5)
+recipe=(--timestamp-prob 0.5 --prompt-prob 0.2 --no-speech-fraction 1.0 --pack-fraction 0.5)
 if [ "$part" = padding ]; then
   python3 benchmarks/padding_policy.py --model "$model" --eval "$data/en-read" --eval "$data/te/validation" \
       --data "$data/te" --language te --out "$HOME/runs/padding" --train-args "${flags[*]}" \
