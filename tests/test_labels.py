@@ -227,7 +227,7 @@ def test_mix_data_and_no_speech_flags_add_examples_and_are_recorded(tmp_path, mo
     out = capsys.readouterr().out
     assert "--mix-data: 4 of 4 clips mixed in (50% of training)" in out and "No-speech windows: 2" in out
     recipe = json.loads((adapters / "adapter_config.json").read_text())["recipe"]
-    assert recipe == {"timestamp_prob": 0.5, "prompt_prob": 0.5, "no_speech_fraction": 0.5,
+    assert recipe == {"timestamp_prob": 0.5, "prompt_prob": 0.5, "no_speech_fraction": 0.5, "pack_fraction": 0.0,
                       "mix_data": str(clips), "mix_fraction": 0.5, "spec_augment": True}  # fmt: skip
     assert lora_cli.main([*argv, "--overwrite", "--freeze-encoder"]) == 1
     assert "--spec-augment masks the mel features" in capsys.readouterr().err

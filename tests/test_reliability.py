@@ -301,7 +301,7 @@ def test_data_audio_over_30_s_is_dropped(tmp_path):
     _, report = prepare_examples(
         [Example(str(tmp_path / "long.flac"), "long", "en", "m.csv:2")], TOKENIZER, 80, "en", verbose=False
     )
-    assert report.samples == {"audio longer than 30 s": ["m.csv:2: 31.0 s"]}
+    assert report.samples == {"audio longer than 30 s": ["m.csv:2: 31.0 s; give it segments"]}
 
 
 def test_data_empty_split_is_an_error_naming_the_manifest(tmp_path, model_folder, capsys):
