@@ -45,34 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_flags(g) -> None:
-    share = number(float, 0, 1)
-    g.add_argument(
-        "--timestamp-prob", type=share, default=0.0, help="share of labels with timestamps <|0.00|> text <|end|>"
-    )
-    g.add_argument(
-        "--prompt-prob",
-        type=share,
-        default=0.0,
-        help="share of labels after a previous-text prompt (same speaker/recording, else random; not trained on)",
-    )
-    g.add_argument(
-        "--no-speech-fraction",
-        type=number(float, 0),
-        default=0.0,
-        help="add this many no-speech windows (silence, noise) per training clip, labelled <|nospeech|>",
-    )
+    share, per_clip = number(float, 0, 1), number(float, 0)
+    for flag, kind, what in (
+        ("--timestamp-prob", share, "share of labels with timestamps <|0.00|> text <|end|>"),
+        ("--prompt-prob", share, "share of labels after a previous-text prompt (same speaker/recording, else random)"),
+        ("--no-speech-fraction", per_clip, "no-speech windows (silence, noise, hum) added per training clip"),
+        ("--pack-fraction", per_clip, "30 s windows of joined training clips (a timestamped segment each) per clip"),
+    ):
+        g.add_argument(flag, type=kind, default=0.0, help=what)
     g.add_argument("--mix-data", help="another local dataset mixed into training (replay), e.g. English clips")
     g.add_argument(
         "--mix-fraction",
         type=number(float, 0, 1, low_open=True, high_open=True),
         default=0.1,
         help="share of the training examples drawn from --mix-data",
-    )
-    g.add_argument(
-        "--pack-fraction",
-        type=number(float, 0),
-        default=0.0,
-        help="add this many 30 s windows of several training clips joined, one timestamped segment each, per clip",
     )
     g.add_argument("--spec-augment", action="store_true", help="SpecAugment: mask mel bands and runs of frames")
 

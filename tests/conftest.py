@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
+import soundfile as sf
 
+from models.audio import SAMPLE_RATE
 from models.loading import save_model
 from models.whisper import ModelDimensions, Whisper
 
@@ -53,3 +56,15 @@ def tiny_model() -> Whisper:
 def model_folder(tmp_path_factory) -> Path:
     """The folder of the `tiny_model` weights, for the scripts' --model."""
     return write_model_folder(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def make_clips(folder: Path, language: str = None) -> Path:
+    """An audiofolder of four 1 s tones transcribed "clip 0" to "clip 3" (with a language column when given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["file_name,text" + (",language" if language else "")]
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    for i in range(4):
+        sf.write(folder / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t)).astype(np.float32), SAMPLE_RATE)
+        lines.append(f"c{i}.wav,clip {i}" + (f",{language}" if language else ""))
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder

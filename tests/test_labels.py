@@ -8,6 +8,7 @@ import pytest
 import soundfile as sf
 
 import lora as lora_cli
+from conftest import make_clips
 from models.audio import N_FRAMES, SAMPLE_RATE
 from models.tokenizer import get_tokenizer
 from models.tuner.augment import SpecAugment, no_speech_audio
@@ -200,21 +201,9 @@ def test_drawn_labels_depend_on_seed_epoch_and_batch_only(tok):
     assert epoch(0) == epoch(0) and epoch(0)[1:] == epoch(0, start=1) and epoch(0) != epoch(1)
 
 
-def make_clips(folder):
-    """An audiofolder of four 1 s tones with a language column."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["file_name,text,language"]
-    for i in range(4):
-        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-        sf.write(folder / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t)).astype(np.float32), SAMPLE_RATE)
-        lines.append(f"c{i}.wav,clip {i},en")
-    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    return make_clips(tmp_path_factory.mktemp("clips"))
+    return make_clips(tmp_path_factory.mktemp("clips"), "en")
 
 
 def test_mix_data_and_no_speech_flags_add_examples_and_are_recorded(tmp_path, model_folder, clips, capsys):
@@ -265,7 +254,7 @@ def test_resume_is_exact_with_drawn_labels_and_spec_augment(tmp_path, tok):
 def test_packed_windows_join_clips_of_one_language_as_timestamped_segments(tmp_path, tok):
     from models.tuner.batches import packed_examples
 
-    examples = read_manifest(make_clips(tmp_path / "clips"))
+    examples = read_manifest(make_clips(tmp_path / "clips", "en"))
     packed = packed_examples(examples, 3, seed=0)
     again = packed_examples(examples, 3, seed=0)
     assert len(packed) == 3 and all(np.array_equal(a.audio, b.audio) for a, b in zip(packed, again))

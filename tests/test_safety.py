@@ -20,7 +20,7 @@ import fuse as fuse_cli
 import lora as lora_cli
 import transcribe as transcribe_cli
 import utils
-from conftest import tiny_whisper
+from conftest import make_clips, tiny_whisper
 from models.audio import SAMPLE_RATE, AudioError, load_audio
 from models.backend import NO_REEXEC_ENV
 from models.tuner.adapters import AdapterFolder, MetricsLog, save_adapters
@@ -35,15 +35,7 @@ def no_reexec(monkeypatch):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    """An audiofolder of four 1 s tones with short transcripts."""
-    folder = tmp_path_factory.mktemp("clips")
-    lines = ["file_name,text"]
-    for i in range(4):
-        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-        sf.write(folder / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t)).astype(np.float32), SAMPLE_RATE)
-        lines.append(f"c{i}.wav,clip {i}")
-    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return folder
+    return make_clips(tmp_path_factory.mktemp("clips"))
 
 
 def lora_args(model: Path, data: Path, adapters: Path, *extra: str) -> list:
