@@ -409,7 +409,9 @@ def check_resume(folder, identity: dict) -> None:
 
     if not folder.has_config():
         raise ValueError(f"--resume: {folder.path} holds no adapter_config.json; train without --resume first")
-    differences = resume_mismatch(read_adapter_config(folder.path), identity)
+    saved = read_adapter_config(folder.path)
+    saved.setdefault("recipe", recipe(build_parser().parse_args([])))  # written before these flags existed
+    differences = resume_mismatch(saved, identity)
     if differences:
         raise ValueError(
             f"--resume: {folder.path} was trained with other settings ({'; '.join(differences)}); "
@@ -442,7 +444,12 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
 
     rank = 0 if world is None else world.rank()
     config = lora_config(args)
-    identity = {"base_model": str(args.model), "model_dims": model.dims.to_dict(), "lora": config.to_dict()}
+    identity = {
+        "base_model": str(args.model),
+        "model_dims": model.dims.to_dict(),
+        "lora": config.to_dict(),
+        "recipe": recipe(args),  # the drawn labels and extra examples: a resumed run must draw the same
+    }
     if args.resume:
         check_resume(folder, identity)
     linear_to_lora_layers(model, config)
@@ -468,7 +475,6 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
         "training": asdict(training),
         "data": args.data or f"{args.hf_dataset}:{args.hf_config}",
         "language": args.language,
-        "recipe": recipe(args),
     }
     trainer = Trainer(model, tokenizer, training, world=world, log=log)
     source = streamed_batches(args, splits, tokenizer, n_mels, world) if streaming else None

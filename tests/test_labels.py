@@ -267,3 +267,13 @@ def test_packed_windows_join_clips_of_one_language_as_timestamped_segments(tmp_p
     (window,) = list(iter_features(packed[:1], tok, 80, None, DropReport()))
     timestamps = [t for t in window.timed.tolist() if t >= tok.timestamp_begin]
     assert len(timestamps) == 8 and timestamps == sorted(timestamps)  # a <|start|> <|end|> pair per clip
+
+
+def test_resume_with_another_recipe_names_the_flag(tmp_path, model_folder, clips, capsys):
+    argv = ["--model", str(model_folder), "--data", str(clips), "--val-fraction", "0", "--batch-size", "2",
+            "--steps-per-eval", "0", "--lora-rank", "4", "--iters", "2",
+            "--adapter-path", str(tmp_path / "a")]  # fmt: skip
+    assert lora_cli.main([*argv, "--timestamp-prob", "0.5"]) == 0
+    assert lora_cli.main([*argv, "--iters", "3", "--resume"]) == 1
+    assert "recipe.timestamp_prob: 0.5 in the checkpoint, 0.0 now" in capsys.readouterr().err
+    assert lora_cli.main([*argv, "--iters", "3", "--resume", "--timestamp-prob", "0.5"]) == 0

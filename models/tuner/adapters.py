@@ -65,7 +65,7 @@ FILES_WRITTEN = (
     f"{CHECKPOINTS}/.*.tmp",
 )
 # The adapter_config.json keys a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("base_model", "model_dims", "lora")
+RESUME_KEYS = ("base_model", "model_dims", "lora", "recipe")
 
 
 class AdapterFolderBusy(RuntimeError):
