@@ -277,3 +277,16 @@ def test_resume_with_another_recipe_names_the_flag(tmp_path, model_folder, clips
     assert lora_cli.main([*argv, "--iters", "3", "--resume"]) == 1
     assert "recipe.timestamp_prob: 0.5 in the checkpoint, 0.0 now" in capsys.readouterr().err
     assert lora_cli.main([*argv, "--iters", "3", "--resume", "--timestamp-prob", "0.5"]) == 0
+
+
+def test_no_speech_windows_also_learn_an_empty_transcript_in_the_given_language(tok):
+    silence = Features(np.zeros((N_FRAMES, 80), np.float16), no_speech_labels(tok), "no-speech", frames=100)
+    pool = [speech(tok, TE, 1.0), speech(tok, "other", 2.0), silence]
+    te = tok.to_language_token("te")
+    rows = {tuple(Labeler(tok, pool, timestamp_prob=0.5).row(2, np.random.default_rng(i))[0]) for i in range(60)}
+    assert rows == {
+        (tok.sot, tok.no_speech, tok.eot),
+        (tok.sot, te, tok.transcribe, tok.no_timestamps, tok.eot),
+        (tok.sot, te, tok.transcribe, tok.timestamp_begin, tok.eot),
+    }
+    assert Labeler(tok, pool[:2]).active is False and Labeler(tok, pool).active is True

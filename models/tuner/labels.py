@@ -9,7 +9,9 @@ them forgets the others. `Labeler` draws, per training example and from a seeded
 - a previous-text prompt `<|startofprev|> earlier transcript` before `<|startoftranscript|>`
   (share `prompt_prob`): the preceding clip of the same speaker or recording, else a random
   clip; the prompt is context only and is masked out of the loss;
-- no-speech examples (silence and noise, see augment.py) keep `<|startoftranscript|> <|nospeech|>`.
+- no-speech examples (silence and noise, see augment.py): `<|startoftranscript|> <|nospeech|>`, or
+  half the time an empty transcript after a language prefix of the training set
+  (`<|startoftranscript|> <|te|> <|transcribe|> <|notimestamps|>` or `<|0.00|>`, then `<|endoftext|>`).
 
 Timestamp tokens are counted from the tokenizer's `<|0.00|>`, never hard-coded: vocabularies differ.
 """
@@ -153,15 +155,23 @@ class Labeler:
         self.tokenizer, self.pool = tokenizer, pool
         self.timestamp_prob, self.prompt_prob = timestamp_prob, prompt_prob
         self.previous = _previous_in_group(pool)
+        # The language prefixes of the speech clips: a no-speech window is also taught to give an
+        # empty transcript after one, as when transcription forces the language.
+        prefixes = {tuple(f.labels[: text_start(tokenizer, f.labels) - 1]) for f in pool if f.timed is not None}
+        self.prefixes = sorted(prefixes) if any(f.timed is None for f in pool) else []
 
     @property
     def active(self) -> bool:
-        return self.timestamp_prob > 0 or self.prompt_prob > 0
+        return self.timestamp_prob > 0 or self.prompt_prob > 0 or bool(self.prefixes)
 
     def row(self, index: int, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
         f, tok = self.pool[index], self.tokenizer
         labels = f.labels
         timed = f.timed is not None and rng.random() < self.timestamp_prob
+        if f.timed is None and self.prefixes and rng.random() < 0.5:  # no speech, the language given
+            prefix = self.prefixes[int(rng.integers(len(self.prefixes)))]
+            start = tok.timestamp_begin if rng.random() < self.timestamp_prob else tok.no_timestamps
+            labels = np.array([*prefix, start, tok.eot], dtype=np.int32)
         if timed:
             start = text_start(tok, labels)  # the plain prefix without <|notimestamps|>
             labels = np.concatenate([labels[: start - 1], f.timed, labels[-1:]]).astype(np.int32)
