@@ -342,8 +342,8 @@ def check_recipe(args) -> None:
 
 def extra_examples(args, examples, tokenizer, n_mels: int, n_train: int, log, verbose: bool) -> List:
     """Packed windows of training clips, replay examples from --mix-data and no-speech windows."""
-    from models.tuner.batches import mixed_in, no_speech_examples, packed_examples
     from models.tuner.datasets import load_local_dataset
+    from models.tuner.extras import mixed_in, no_speech_examples, packed_examples
 
     extra = []
     if args.pack_fraction > 0:

@@ -7,7 +7,7 @@ on CPU; the encoder runs every step (no cached encoder outputs, even with --free
 
 Inputs and scoring are ours, so both recipes see the same clips, features and labels: the
 splits of `--data` read by `load_local_dataset`, features and labels by `prepare_examples`
-(`load_audio`, `clip_features(pad_audio=True)` stored as float16, `label_tokens`), batches in
+(`load_audio`, `clip_features` stored as float16, `label_tokens`), batches in
 the order our trainer draws them (`epoch_batches`, `--seed`, sort window 8, last short batch
 dropped). The loss is cross-entropy on labels[1:] given labels[:-1], padding masked, averaged
 over real tokens. Validation clips are decoded greedily without timestamps, the language forced

@@ -252,7 +252,7 @@ def test_resume_is_exact_with_drawn_labels_and_spec_augment(tmp_path, tok):
 
 
 def test_packed_windows_join_clips_of_one_language_as_timestamped_segments(tmp_path, tok):
-    from models.tuner.batches import packed_examples
+    from models.tuner.extras import packed_examples
 
     examples = read_manifest(make_clips(tmp_path / "clips", "en"))
     packed = packed_examples(examples, 3, seed=0)

@@ -14,14 +14,13 @@ from tqdm import tqdm
 
 from ..audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_features, load_audio
 from ..tokenizer import Tokenizer
-from .augment import SpecAugment, no_speech_audio
+from .augment import SpecAugment
 from .datasets import DropReport, Example
 from .labels import (  # noqa: F401  (DroppedExample and label_tokens are used from here too)
     MAX_LABEL_TOKENS,
     DroppedExample,
     Labeler,
     label_tokens,
-    no_speech_labels,
     segment_windows,
     text_start,
     timed_clip,
@@ -104,18 +103,18 @@ def iter_features(
 
 def _clip_example(example: Example, tokenizer: Tokenizer, language, n_mels: int, max_label_tokens: int) -> Features:
     labels = label_tokens(tokenizer, example.text, language, max_label_tokens)
-    samples = _samples(example.audio)
+    samples = read_samples(example.audio)
     if len(samples) > N_SAMPLES:
         raise DroppedExample("audio longer than 30 s", f"{len(samples) / SAMPLE_RATE:.1f} s; give it segments")
     timed = timed_clip(tokenizer, labels, len(samples) / SAMPLE_RATE)
     if len(labels) + 1 > max_label_tokens:  # the timestamped form is one token longer
         raise DroppedExample("transcript too long", f"{len(labels) + 1} tokens > {max_label_tokens}")
-    return Features(_mel(samples, n_mels), labels, example.source, timed, example.group, _frames(samples))
+    return Features(mel_features(samples, n_mels), labels, example.source, timed, example.group, audio_frames(samples))
 
 
 def _recording_windows(example: Example, tokenizer: Tokenizer, language, n_mels: int, max_label_tokens: int):
     """A long recording with segments: one example per window of at most 30 s (labels.segment_windows)."""
-    samples = _samples(example.audio)
+    samples = read_samples(example.audio)
     duration = len(samples) / SAMPLE_RATE
     last_end = example.segments[-1]["end"]
     if last_end > duration + 0.05:
@@ -133,11 +132,11 @@ def _recording_windows(example: Example, tokenizer: Tokenizer, language, n_mels:
             raise DroppedExample("transcript too long", f"window {k} at {start:.2f} s")
         clip = samples[int(round(start * SAMPLE_RATE)) : int(round(end * SAMPLE_RATE))]
         source, group = f"{example.source}@{start:.2f}s", example.group or example.source
-        found.append(Features(_mel(clip, n_mels), labels, source, timed, group, _frames(clip)))
+        found.append(Features(mel_features(clip, n_mels), labels, source, timed, group, audio_frames(clip)))
     return found
 
 
-def _samples(audio: Union[str, bytes, np.ndarray]) -> np.ndarray:
+def read_samples(audio: Union[str, bytes, np.ndarray]) -> np.ndarray:
     if isinstance(audio, np.ndarray):  # joined in memory (packed_examples)
         return audio
     try:
@@ -146,59 +145,12 @@ def _samples(audio: Union[str, bytes, np.ndarray]) -> np.ndarray:
         raise DroppedExample("unreadable audio", str(e)) from None
 
 
-def _mel(samples: np.ndarray, n_mels: int) -> np.ndarray:
+def mel_features(samples: np.ndarray, n_mels: int) -> np.ndarray:
     return clip_features(samples, n_mels).astype(np.float16)  # (N_FRAMES, n_mels), as transcribe() sees it
 
 
-def _frames(samples: np.ndarray) -> int:
+def audio_frames(samples: np.ndarray) -> int:
     return min(len(samples) // HOP_LENGTH, N_FRAMES)
-
-
-def no_speech_examples(tokenizer: Tokenizer, n_mels: int, count: int, seed: int) -> List[Features]:
-    """`count` windows of silence or noise (augment.no_speech_audio) labelled as no speech, drawn from `seed`."""
-    found = []
-    for i in range(count):
-        kind, samples = no_speech_audio(np.random.default_rng([seed, 7919, i]))
-        source = f"no-speech:{i} ({kind}, {len(samples) / SAMPLE_RATE:.1f} s)"
-        found.append(Features(_mel(samples, n_mels), no_speech_labels(tokenizer), source, frames=_frames(samples)))
-    return found
-
-
-def packed_examples(examples: Sequence[Example], count: int, seed: int, gaps=(0.2, 1.0)) -> List[Example]:
-    """`count` windows of several training clips of one language joined with `gaps` seconds of
-    silence, up to 30 s, each clip a timestamped segment: what teaches an adapter that speech
-    goes on after the first sentence (long-form transcription) instead of ending the window."""
-    rng, packed = np.random.default_rng([seed, 15485863]), []
-    for i in range(count):
-        first = examples[int(rng.integers(len(examples)))]
-        pool = [e for e in examples if e.language == first.language and e.segments is None]
-        pieces, segments, t = [], [], 0.0
-        for e in (pool[j] for j in rng.permutation(len(pool))):
-            try:
-                clip = _samples(e.audio)
-            except DroppedExample:
-                continue  # counted when the clip itself was prepared
-            gap = float(rng.uniform(*gaps)) if pieces else float(rng.uniform(0.0, gaps[1]))
-            if t + gap + len(clip) / SAMPLE_RATE > 30.0 or not e.text.strip():
-                continue
-            pieces += [np.zeros(int(gap * SAMPLE_RATE), np.float32), clip]
-            start = t + gap
-            t = start + len(clip) / SAMPLE_RATE
-            segments.append({"start": start, "end": t, "text": e.text})
-            if t > 30.0 - gaps[0] - 1.0:
-                break
-        if segments:
-            audio = np.concatenate(pieces).astype(np.float32)
-            packed.append(Example(audio, "", first.language, f"packed:{i} ({len(segments)} clips)", segments))
-    return packed
-
-
-def mixed_in(examples: Sequence[Features], count: int, seed: int) -> List[Features]:
-    """`count` examples drawn from `examples` with `seed` (each once while it lasts, then again)."""
-    rng = np.random.default_rng([seed, 104729])
-    rounds = -(-count // max(len(examples), 1))
-    order = np.concatenate([rng.permutation(len(examples)) for _ in range(rounds)] or [np.zeros(0, int)])
-    return [examples[i] for i in order[:count]]
 
 
 # ---------------------------------------------------------------- batching
