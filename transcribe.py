@@ -168,7 +168,8 @@ def check_output_dir(args) -> None:
     """Before transcribing anything: --output-dir is a folder we can write to, and no input folder."""
     from models.outputs import OutputPathError, check_not_an_input
 
-    check_not_an_input("--output-dir", args.output_dir, {"--model": args.model, **adapter_folders(args.adapter_path)})
+    inputs = {"--model": args.model, **adapter_folders(args.adapter_path)}
+    check_not_an_input("--output-dir", args.output_dir, inputs, replaced=False)
     folder = Path(args.output_dir)
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")

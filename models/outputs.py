@@ -30,16 +30,20 @@ def _relation(output: Path, input_path: Path) -> Optional[str]:
     return None
 
 
-def check_not_an_input(flag: str, output, inputs: Dict[str, Optional[str]]) -> None:
+def check_not_an_input(flag: str, output, inputs: Dict[str, Optional[str]], replaced: bool = True) -> None:
     """Refuse `output` (given with `flag`) when it is, contains or lies inside one of `inputs`.
 
     `inputs` maps a flag (e.g. "--model") to its local path; Hub ids and None are skipped.
+    `replaced=False`: `output` is a folder only written into, file by file at its top level
+    (transcription outputs), so one that merely contains an input folder is harmless.
     """
     out = _resolved(output)
     for input_flag, value in inputs.items():
         if value is None or not Path(os.path.expanduser(str(value))).exists():
             continue  # a Hub repo id, or nothing given: no local files to protect
         relation = _relation(out, _resolved(value))
+        if relation == "contains" and not replaced and Path(os.path.expanduser(str(value))).is_dir():
+            continue
         if relation is not None:
             raise OutputPathError(
                 f"{flag} {output} {relation} {input_flag} {value}: the output would overwrite "

@@ -130,9 +130,14 @@ def test_transcribe_output_dir_cannot_be_inside_the_model(tmp_path, model_folder
 
     model = shutil.copytree(model_folder, tmp_path / "m")
     before = snapshot(model)
-    code = transcribe_cli.main([str(clips / "c0.wav"), "--model", str(model), "--output-dir", str(model)])
-    assert code == 1 and "--output-dir" in capsys.readouterr().err
+    for inside in (model, model / "sub"):
+        code = transcribe_cli.main([str(clips / "c0.wav"), "--model", str(model), "--output-dir", str(inside)])
+        assert code == 1 and "--output-dir" in capsys.readouterr().err
     assert snapshot(model) == before
+    # A folder that only holds the model (the default --output-dir "." beside a model folder) is fine:
+    # outputs go to its top level, never into the model.
+    assert transcribe_cli.main([str(clips / "c0.wav"), "--model", str(model), "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "c0.txt").is_file() and snapshot(model) == before
 
 
 def test_lora_test_output_replaces_only_its_own_predictions(tmp_path, model_folder, clips, capsys):
