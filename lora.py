@@ -8,11 +8,11 @@ Example (Telugu, local folders with train/ and validation/):
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
-from itertools import islice
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import utils
 from utils import number
@@ -83,6 +83,16 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--audio-column", help="audio column of a Hub dataset (default: audio)")
     g.add_argument("--streaming", action="store_true", help="stream a large Hub dataset instead of downloading it")
+    g.add_argument(
+        "--num-workers",
+        type=number(int, 0),
+        default=min(4, os.cpu_count() or 1),
+        help="threads that read and decode audio ahead of the training step; 0 = in the step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--feature-cache",
+        help="folder keeping log-mel features (and frozen-encoder outputs) of each clip on disk, reused by later runs",
+    )
     g.add_argument("--language", help="language of rows without a language/locale column, e.g. te")
     g.add_argument(
         "--val-fraction",
@@ -205,13 +215,32 @@ def load_splits(args) -> Dict[str, object]:
     }
 
 
-def featurize(examples, tokenizer, n_mels: int, args, what: str, log, verbose: bool = True, language="") -> List:
-    from models.tuner.batches import prepare_examples
+def featurize(examples, tokenizer, args, what: str, log, verbose: bool = True, language="") -> List:
+    """The usable examples as Features that hold their audio, not their features (models/tuner/pipeline.py):
+    transcripts are tokenized and audio headers read, with a progress bar; the drop report is logged."""
+    from tqdm import tqdm
+
+    from models.tuner.datasets import DropReport
+    from models.tuner.pipeline import scan_examples
 
     language = args.language if language == "" else language
-    features, report = prepare_examples(examples, tokenizer, n_mels, language, verbose=verbose)
+    report = DropReport()
+    total = len(examples) if hasattr(examples, "__len__") else None
+    progress = tqdm(examples, total=total, desc=f"Reading {what}", unit="clip", leave=False, disable=not verbose)
+    features = list(scan_examples(progress, tokenizer, language, report, verbose=verbose))
     log(f"{what}: {report}")
     return features
+
+
+def feature_loader(args, model, n_mels: int, encoder_cache: Optional[str], verbose: bool = True):
+    """The loader of training and validation features: --num-workers, --feature-cache, a frozen encoder."""
+    from models.tuner.pipeline import FeatureLoader
+
+    encoder = model if args.freeze_encoder else None
+    return FeatureLoader(
+        n_mels, num_workers=args.num_workers, cache_dir=args.feature_cache, encoder=encoder,
+        encoder_cache_dir=encoder_cache, verbose=verbose,
+    )  # fmt: skip
 
 
 def training_args(args, n_train: int, log):
@@ -256,8 +285,9 @@ def run_test(args, model, tokenizer, splits, log, adapters=None) -> int:
     name = next((n for n in ("test", "validation", "train") if splits.get(n)), None)
     if name is None:
         raise ValueError("--test found no examples (no test, validation or flat set)")
-    features = featurize(splits[name], tokenizer, model.dims.n_mels, args, name, log)
-    result = evaluate(model, tokenizer, features, args.batch_size, loss_fn)
+    features = featurize(splits[name], tokenizer, args, name, log)
+    loader = feature_loader(args, None, model.dims.n_mels, None)
+    result = evaluate(model, tokenizer, features, args.batch_size, loss_fn, loader=loader)
     output = predictions_path(args)
     adapted = {"summary": result_summary(name, features, result), "predictions": result.predictions}
     with atomic_output(output, "w", encoding="utf-8") as f:
@@ -266,7 +296,8 @@ def run_test(args, model, tokenizer, splits, log, adapters=None) -> int:
         f.write(json.dumps(adapted["summary"]) + "\n")
     log(f"Test on {name} ({len(features)} clips): {result.summary()}; predictions in {output}")
     if adapters is not None and not args.no_report:
-        before_after_report(args, model, tokenizer, features, adapted, adapters, log)
+        before_after_report(args, model, tokenizer, features, adapted, adapters, log, loader)
+    loader.close()
     return 0
 
 
@@ -291,7 +322,7 @@ def result_summary(split: str, features, result) -> dict:
     return {"split": split, "clips": len(features), "loss": result.loss, **rates}
 
 
-def before_after_report(args, model, tokenizer, features, adapted: dict, adapters, log) -> None:
+def before_after_report(args, model, tokenizer, features, adapted: dict, adapters, log, loader) -> None:
     """The base model on the same clips, and the report of both."""
     from models.loading import load_model
     from models.tuner.evaluate import evaluate
@@ -299,7 +330,7 @@ def before_after_report(args, model, tokenizer, features, adapted: dict, adapter
     from models.tuner.trainer import loss_fn
 
     base_model = load_model(args.model, dtype=model.dtype)
-    result = evaluate(base_model, tokenizer, features, args.batch_size, loss_fn)
+    result = evaluate(base_model, tokenizer, features, args.batch_size, loss_fn, loader=loader)
     base = {"summary": result_summary(adapted["summary"]["split"], features, result), "predictions": result.predictions}
     markdown, png = report_paths(predictions_path(args))
     title = f"{Path(args.model).name} + {adapters}: {adapted['summary']['split']} of {args.data or args.hf_dataset}"
@@ -307,16 +338,16 @@ def before_after_report(args, model, tokenizer, features, adapted: dict, adapter
     log(f"Base model on the same clips: {result.summary()}; before/after report in {markdown}")
 
 
-def streamed_batches(args, splits, tokenizer, n_mels: int, world):
-    """batch_source for a streamed Hub dataset: its batches from micro-batch `start` on."""
+def streamed_batches(args, splits, tokenizer, loader, world):
+    """batch_source for a streamed Hub dataset: its batches from micro-batch `start` on (the ones
+    before it are scanned, not decoded)."""
     from models.tuner.batches import stream_batches
 
     rank, size = (0, 1) if world is None else (world.rank(), world.size())
-    return lambda start: islice(
-        stream_batches(splits["train"], tokenizer, n_mels, args.language, args.batch_size, rank=rank, world_size=size),
-        start,
-        None,
-    )
+    return lambda start: stream_batches(
+        splits["train"], tokenizer, loader.n_mels, args.language, args.batch_size, rank=rank, world_size=size,
+        start_batch=start, loader=loader,
+    )  # fmt: skip
 
 
 RECIPE_FLAGS = (
@@ -340,18 +371,19 @@ def check_recipe(args) -> None:
         raise ValueError(f"--mix-data {args.mix_data} does not exist; pass a local dataset folder")
 
 
-def extra_examples(args, examples, tokenizer, n_mels: int, n_train: int, log, verbose: bool) -> List:
+def extra_examples(args, train_set, tokenizer, log, verbose: bool) -> List:
     """Packed windows of training clips, replay examples from --mix-data and no-speech windows."""
     from models.tuner.datasets import load_local_dataset
     from models.tuner.extras import mixed_in, no_speech_examples, packed_examples
 
-    extra = []
+    extra, n_train = [], len(train_set)
     if args.pack_fraction > 0:
         count = max(1, round(args.pack_fraction * n_train))
-        extra += featurize(packed_examples(examples, count, args.seed), tokenizer, n_mels, args, "packed", log, verbose)
+        extra += packed_examples(train_set, tokenizer, count, args.seed)
+        log(f"Packed windows: {len(extra)} of joined training clips")
     if args.mix_data is not None:
         splits = load_local_dataset(args.mix_data, val_fraction=0.0, text_column=args.text_column)
-        pool = featurize(splits["train"], tokenizer, n_mels, args, "--mix-data", log, verbose, language=None)
+        pool = featurize(splits["train"], tokenizer, args, "--mix-data", log, verbose, language=None)
         if not pool:
             raise ValueError(f"--mix-data {args.mix_data}: no usable examples (rows need a language column)")
         count = round(args.mix_fraction / (1 - args.mix_fraction) * n_train)
@@ -359,7 +391,7 @@ def extra_examples(args, examples, tokenizer, n_mels: int, n_train: int, log, ve
         log(f"--mix-data: {count} of {len(pool)} clips mixed in ({100 * args.mix_fraction:.0f}% of training)")
     if args.no_speech_fraction > 0:
         count = max(1, round(args.no_speech_fraction * n_train))
-        extra += no_speech_examples(tokenizer, n_mels, count, args.seed)
+        extra += no_speech_examples(tokenizer, count, args.seed)
         log(f"No-speech windows: {count} (silence, noise, hum) labelled <|nospeech|>")
     return extra
 
@@ -435,12 +467,7 @@ def train(args, model, tokenizer, splits, world, log) -> int:
 
 
 def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
-    from models.tuner.augment import SpecAugment
-    from models.tuner.batches import encode_features
-    from models.tuner.labels import Labeler
     from models.tuner.lora import linear_to_lora_layers, parameter_count, trainable_parameter_count
-    from models.tuner.trainer import Trainer, TrainingStopped
-    from models.tuner.trainer import train as train_loop
 
     rank = 0 if world is None else world.rank()
     config = lora_config(args)
@@ -455,19 +482,38 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
     linear_to_lora_layers(model, config)
     trainable, total = trainable_parameter_count(model), parameter_count(model)
     log(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M ({100 * trainable / total:.2f}%)")
-    n_mels, streaming = model.dims.n_mels, args.streaming and args.hf_dataset is not None
-    val = featurize(splits.get("validation", []), tokenizer, n_mels, args, "validation", log, rank == 0)
-    train_set = [] if streaming else featurize(splits["train"], tokenizer, n_mels, args, "train", log, rank == 0)
+    streaming = args.streaming and args.hf_dataset is not None
+    val = featurize(splits.get("validation", []), tokenizer, args, "validation", log, rank == 0)
+    train_set = [] if streaming else featurize(splits["train"], tokenizer, args, "train", log, rank == 0)
     if not streaming and not train_set:
         raise ValueError("no usable training examples (see the report above)")
-    extra = extra_examples(args, splits["train"], tokenizer, n_mels, len(train_set), log, rank == 0)
-    train_set = train_set + extra
-    if config.freeze_encoder:
-        log("Frozen encoder: computing encoder outputs once")
-        train_set, val = (
-            encode_features(model, train_set, args.batch_size),
-            encode_features(model, val, args.batch_size),
-        )
+    train_set = train_set + extra_examples(args, train_set, tokenizer, log, rank == 0)
+    with encoder_cache_folder(args) as encoder_cache:
+        loader = feature_loader(args, model, model.dims.n_mels, encoder_cache, verbose=rank == 0)
+        try:
+            return train_with(folder, args, model, tokenizer, splits, world, log, identity, train_set, val, loader)
+        finally:
+            loader.close()
+
+
+def encoder_cache_folder(args):
+    """Where frozen-encoder outputs are kept: --feature-cache, else a temporary folder removed after the run."""
+    import contextlib
+    import tempfile
+
+    if not args.freeze_encoder or args.feature_cache is not None:
+        return contextlib.nullcontext(args.feature_cache)
+    return tempfile.TemporaryDirectory(prefix="whisper-lora-encoder-")
+
+
+def train_with(folder, args, model, tokenizer, splits, world, log, identity, train_set, val, loader) -> int:
+    from models.tuner.augment import SpecAugment
+    from models.tuner.labels import Labeler
+    from models.tuner.trainer import Trainer, TrainingStopped
+    from models.tuner.trainer import train as train_loop
+
+    rank = 0 if world is None else world.rank()
+    streaming = args.streaming and args.hf_dataset is not None
     training = training_args(args, len(train_set), log)
     folder.config = {
         "version": CONFIG_VERSION,
@@ -477,17 +523,21 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
         "language": args.language,
     }
     trainer = Trainer(model, tokenizer, training, world=world, log=log)
-    source = streamed_batches(args, splits, tokenizer, n_mels, world) if streaming else None
+    source = streamed_batches(args, splits, tokenizer, loader, world) if streaming else None
     labeler = Labeler(tokenizer, train_set, args.timestamp_prob, args.prompt_prob)
-    augment = SpecAugment() if args.spec_augment else None
+    augment = SpecAugment(n_mels=model.dims.n_mels) if args.spec_augment else None
     try:
         final = train_loop(
             trainer, train_set, val, folder, resume=args.resume, batch_source=source, labeler=labeler,
-            spec_augment=augment,
+            spec_augment=augment, loader=loader,
         )  # fmt: skip
     except TrainingStopped as stop:
         log(str(stop))
         return 1
+    if loader.dropped:
+        log(f"Found when decoded: {loader.report}")
+    if loader.cache_stats():
+        log(f"Feature cache: {loader.cache_stats()}")
     log(f"Saved adapters to {folder.path}; final validation: {json.dumps(final)}")
     if args.test and rank == 0:  # test predictions are not sharded: rank 0 scores them alone
         return run_test(args, model, tokenizer, splits, log, adapters=folder.path)

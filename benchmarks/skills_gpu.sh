@@ -23,7 +23,7 @@ if [ "$part" = padding ]; then
 elif [ "$part" = plain ]; then  # yo without the recipe's flags, as the padding run trains te
   TESTS=best bash benchmarks/finetune_gpu.sh "$model" "$data" yo yo_plain "${flags[@]}"
 else
-  for lang in te yo; do
+  for lang in ${LANGS:-te yo}; do  # LANGS=yo: te_skills from an earlier call (pipeline_gpu.sh) is kept
     TESTS=best bash benchmarks/finetune_gpu.sh "$model" "$data" $lang ${lang}_skills "${flags[@]}" "${recipe[@]}"
   done
   routes="te=$HOME/runs/te_skills/best,yo=$HOME/runs/yo_skills/best"

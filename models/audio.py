@@ -1,6 +1,7 @@
 """Audio loading and Whisper's log-mel spectrogram (OpenAI's numerics, in numpy)."""
 
 import io
+import os
 import shutil
 import subprocess
 from functools import lru_cache
@@ -70,6 +71,36 @@ def load_audio(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> np.ndarr
     return resample(audio, file_sr, sr)
 
 
+def audio_length(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> Optional[int]:
+    """The number of `sr` Hz samples `load_audio` would return, from the file's header only.
+
+    Raises AudioError for what the header already shows (no file, empty, truncated WAV, not
+    audio); None when only decoding can tell (a format that needs ffmpeg). Damage inside the
+    data is found when the file is decoded.
+    """
+    name = "<bytes>" if isinstance(file, (bytes, bytearray)) else str(file)
+    if not isinstance(file, (bytes, bytearray)):
+        path = Path(file)
+        if not path.is_file():
+            raise AudioError(f"{name}: no such audio file" if not path.exists() else f"{name}: not a regular file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{name}: the file is empty")
+    missing = _wav_bytes_missing(file)
+    if missing:
+        raise AudioError(f"{name}: truncated WAV file: its header announces {missing} more bytes than it holds")
+    try:
+        sound = _open_soundfile(file)
+    except Exception as error:
+        if shutil.which("ffmpeg") is None:
+            raise AudioError(f"{name}: could not decode audio ({error}); install ffmpeg to read more formats") from None
+        return None
+    with sound:
+        frames, file_sr = sound.frames, sound.samplerate
+    if frames <= 0:
+        raise AudioError(f"{name}: the file holds no audio samples")
+    return frames if file_sr == sr else int(round(frames * sr / file_sr))
+
+
 def _wav_bytes_missing(file) -> int:
     """How many bytes of a RIFF/WAVE file's data chunk are missing from the file (0: complete, or not a WAV).
 
@@ -80,8 +111,10 @@ def _wav_bytes_missing(file) -> int:
         head, size = bytes(file[:65536]), len(file)
     else:
         with open(file, "rb") as f:
-            head = f.read(65536)
-        size = Path(file).stat().st_size
+            head = f.read(12)  # most files are not WAV: read their chunk list only when they are
+            if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+                head += f.read(65536 - 12)
+            size = os.fstat(f.fileno()).st_size
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return 0
     offset = 12

@@ -158,7 +158,7 @@ def test_a_long_prompt_keeps_its_last_tokens(tok):
 def _with_context(f: Features, labels, context):
     from models.tuner.batches import _Row
 
-    return _Row(f.mel, labels, f.source, f.timed, f.group, f.frames, context)
+    return _Row(f.mel, labels, f.source, f.timed, f.group, f.frames, context=context)
 
 
 # ---------------------------------------------------------------- no speech, SpecAugment, mixing
@@ -253,20 +253,27 @@ def test_resume_is_exact_with_drawn_labels_and_spec_augment(tmp_path, tok):
 
 def test_packed_windows_join_clips_of_one_language_as_timestamped_segments(tmp_path, tok):
     from models.tuner.extras import packed_examples
+    from models.tuner.pipeline import scan_examples
 
-    examples = read_manifest(make_clips(tmp_path / "clips", "en"))
-    packed = packed_examples(examples, 3, seed=0)
-    again = packed_examples(examples, 3, seed=0)
-    assert len(packed) == 3 and all(np.array_equal(a.audio, b.audio) for a, b in zip(packed, again))
-    for example in packed:
-        segments = example.segments
-        assert len(segments) == 4 and sorted(s["text"] for s in segments) == [f"clip {i}" for i in range(4)]
-        gaps = [b["start"] - a["end"] for a, b in zip(segments, segments[1:])]
-        assert all(0.2 <= g <= 1.0 for g in gaps) and 0 <= segments[0]["start"] <= 1.0
-        assert abs(len(example.audio) / SAMPLE_RATE - segments[-1]["end"]) < 1e-3
-    (window,) = list(iter_features(packed[:1], tok, 80, None, DropReport()))
-    timestamps = [t for t in window.timed.tolist() if t >= tok.timestamp_begin]
-    assert len(timestamps) == 8 and timestamps == sorted(timestamps)  # a <|start|> <|end|> pair per clip
+    clips = list(scan_examples(read_manifest(make_clips(tmp_path / "clips", "en")), tok, None, DropReport()))
+    packed = packed_examples(clips, tok, 3, seed=0)
+    again = packed_examples(clips, tok, 3, seed=0)
+    assert len(packed) == 3 and [p.audio for p in packed] == [p.audio for p in again]
+    for window in packed:
+        audio = window.audio.read()
+        assert len(window.audio.pieces) == 4 and len(audio) == window.n_samples
+        gaps = [gap / SAMPLE_RATE for _, gap in window.audio.pieces]
+        assert 0 <= gaps[0] <= 1.0 and all(0.2 <= g <= 1.0 for g in gaps[1:])
+        times = [(t - tok.timestamp_begin) * 0.02 for t in window.timed.tolist() if t >= tok.timestamp_begin]
+        assert len(times) == 8 and times == sorted(times)  # a <|start|> <|end|> pair per clip
+        assert abs(times[0] - gaps[0]) <= 0.011 and abs(times[-1] - len(audio) / SAMPLE_RATE) <= 0.011
+        assert (
+            tok.decode(window.labels[4:-1].tolist()).split()
+            == tok.decode([t for t in window.timed.tolist() if t < tok.timestamp_begin]).split()
+        )  # the plain labels hold the same words in the same order
+        assert sorted(tok.decode(window.labels[4:-1].tolist()).replace("clip", " ").split()) == ["0", "1", "2", "3"]
+        loud = np.flatnonzero(np.abs(audio) > 0.01)  # the first clip's tone starts after the first gap
+        assert abs(loud[0] / SAMPLE_RATE - gaps[0]) < 0.01
 
 
 def test_resume_with_another_recipe_names_the_flag(tmp_path, model_folder, clips, capsys):

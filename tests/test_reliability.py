@@ -405,20 +405,24 @@ def scraped_folder(folder: Path) -> Path:
 
 def test_bad_rows_do_not_kill_a_training_run(tmp_path, model_folder, capsys):
     data = scraped_folder(tmp_path / "scraped")
-    code = lora_cli.main(lora_args(model_folder, data, tmp_path / "adapters", "--iters", "2"))
+    # one epoch at batch 1: every row's audio is decoded once
+    code = lora_cli.main(lora_args(model_folder, data, tmp_path / "adapters", "--iters", "7", "--batch-size", "1"))
     out = capsys.readouterr().out
     assert code == 0, out
+    reasons = r"(unreadable audio|non-UTF-8 text|audio longer than 30 s|transcript too long): (\d+)"
+    # what the transcripts and audio headers show is reported before training ...
     report = next(line for line in out.splitlines() if line.startswith("train: "))
-    assert report.startswith("train: kept 5 of 13 examples; dropped 8: ")
-    counts = dict(
-        re.findall(r"(unreadable audio|non-UTF-8 text|audio longer than 30 s|transcript too long): (\d+)", report)
-    )
-    assert counts == {
-        "unreadable audio": "5",
+    assert report.startswith("train: kept 7 of 13 examples; dropped 6: ")
+    assert dict(re.findall(reasons, report)) == {
+        "unreadable audio": "3",
         "non-UTF-8 text": "1",
         "audio longer than 30 s": "1",
         "transcript too long": "1",
     }
+    # ... and what only decoding shows (a FLAC cut short, NaN samples) once the rows' batches are due
+    decoded = next(line for line in out.splitlines() if line.startswith("Found when decoded: "))
+    assert decoded.startswith("Found when decoded: dropped 2: ")
+    assert dict(re.findall(reasons, decoded)) == {"unreadable audio": "2"}
     for name in ("gone.flac", "trunc.flac", "notes.wav", "empty.wav", "nan.wav"):
         assert re.search(rf"^Skipping .*metadata\.csv:\d+: .*{re.escape(name)}: ", out, re.M), name
     assert load_adapters(tiny_whisper(), tmp_path / "adapters") is not None
@@ -699,8 +703,15 @@ def test_ctrl_c_saves_the_adapters_and_exits_cleanly(tmp_path, model_folder, cli
     load_adapters(tiny_whisper(), adapters)
 
 
-def test_resume_after_sigkill_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path, model_folder, clips, capsys):
+@pytest.mark.parametrize("data", ["decoded in the step", "workers and feature cache"])
+def test_resume_after_sigkill_gives_the_same_adapters_as_an_uninterrupted_run(
+    tmp_path, model_folder, clips, capsys, data
+):
     common = ["--iters", "4", "--save-every", "2", "--learning-rate", "1e-2", "--warmup", "1"]
+    if data == "decoded in the step":
+        common += ["--num-workers", "0"]
+    else:  # the uninterrupted run fills the cache, the killed and the resumed run read it
+        common += ["--num-workers", "2", "--feature-cache", str(tmp_path / "cache")]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert lora_cli.main(lora_args(model_folder, clips, straight, *common)) == 0
 
@@ -715,6 +726,8 @@ def test_resume_after_sigkill_gives_the_same_adapters_as_an_uninterrupted_run(tm
     assert lora_cli.main(lora_args(model_folder, clips, killed, *common, "--resume")) == 0
     out = capsys.readouterr().out
     assert resumed_from == 4 or re.search(r"^Iter 3: train loss", out, re.M), out
+    if data != "decoded in the step":
+        assert re.search(r"^Feature cache: features \d+ read, 0 computed$", out, re.M), out
     for name in ("adapters.safetensors", "checkpoints/0000004_adapters.safetensors"):
         a, b = mx.load(str(straight / name)), mx.load(str(killed / name))
         assert sorted(a) == sorted(b)

@@ -333,12 +333,12 @@ def test_a_cut_last_metrics_line_does_not_block_resume(tmp_path):
 
 
 def test_ctrl_c_while_preparing_data_prints_a_summary(tmp_path, model_folder, clips, capsys, monkeypatch):
-    from models.tuner import batches
+    from models.tuner import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batches, "prepare_examples", interrupted)
+    monkeypatch.setattr(pipeline, "scan_examples", interrupted)
     assert lora_cli.main(lora_args(model_folder, clips, tmp_path / "a")) == 130
     err = capsys.readouterr().err
     assert "Interrupted: stopped before training; nothing was saved" in err and "Traceback" not in err

@@ -378,3 +378,35 @@ def test_adapters_without_config_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"lora": LoRAConfig(rank=4).to_dict()}))
     with pytest.raises(ModelLoadError, match=r"adapters\.safetensors: adapter weights not found"):
         load_adapters(base_model(), tmp_path)
+
+
+def test_compiling_every_batch_shape_first_changes_no_weight(tmp_path, monkeypatch):
+    """The step is built for each (rows, width) of the coming batches before step 1 (no report window
+    pays for a new shape), and the weights, optimizer state and random key it touched are put back."""
+    from models.tuner import batches as batches_module
+
+    features = small_vocab_features([3, 9, 20, 5, 14, 30])  # widths 8..40 at pad_to_multiple 8
+    args = args_for(iters=6, batch_size=2, precompile=True)
+    seen = []
+    real_precompile = Trainer.precompile
+
+    def recording(self, shapes, features_shape):
+        seen.append((sorted(shapes), features_shape))
+        real_precompile(self, shapes, features_shape)
+
+    monkeypatch.setattr(Trainer, "precompile", recording)
+    model = lora_model(dropout=0.1)  # the random key matters: dropout draws from it
+    run_training(model, tmp_path / "precompiled", args, features)
+    assert len(seen) == 1 and seen[0][1] == (features[0].mel.shape[0], features[0].mel.shape[1])
+    assert len(seen[0][0]) >= 2 and all(rows == 2 and width % 8 == 0 for rows, width in seen[0][0])
+
+    plain = lora_model(dropout=0.1)  # the same batches from a batch_source: nothing compiled ahead
+    source = lambda start: batches_module.training_batches(  # noqa: E731
+        features, 2, seed=args.seed, start_step=start, sort_window=args.sort_window, pad_to_multiple=8
+    )
+    run_training(plain, tmp_path / "plain", args, features, batch_source=source)
+    assert len(seen) == 1
+    assert_same_weights(
+        read_weights(tmp_path / "precompiled" / "adapters.safetensors"),
+        read_weights(tmp_path / "plain" / "adapters.safetensors"),
+    )

@@ -22,29 +22,46 @@ class SpecAugment:
     freq_width: int = 27  # at 80 mel bins; scaled with the model's bin count
     time_masks: int = 2
     time_width: int = 100  # frames (1 s), and at most a tenth of the clip
-    value: float = 0.0  # the features' value past the audio (zero-padded log-mel)
+    n_mels: int = 80  # the model's mel bins: masks drawn before the features are computed
 
     def __call__(self, mel: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
         """A masked copy of `mel` (N_FRAMES, n_mels) whose first `frames` frames hold audio."""
-        out = np.array(mel, copy=True)
-        n_mels = out.shape[1]
+        return apply_masks(mel, self.draw(mel.shape[1], frames, rng))
+
+    def draw(self, n_mels: int, frames: int, rng: np.random.Generator) -> tuple:
+        """The masks of one example: ((axis, start, width), ...), axis 1 for mel bins, 0 for frames."""
+        masks = []
         freq_width = max(1, round(self.freq_width * n_mels / 80))
         for _ in range(self.freq_masks):
             width = int(rng.integers(freq_width + 1))
-            start = int(rng.integers(n_mels - width + 1))
-            out[:, start : start + width] = self.value
+            masks.append((1, int(rng.integers(n_mels - width + 1)), width))
         time_width = min(self.time_width, max(frames, 1) // 10)
         for _ in range(self.time_masks):
             width = int(rng.integers(time_width + 1))
-            start = int(rng.integers(max(frames - width, 0) + 1))
-            out[start : start + width] = self.value
-        return out
+            masks.append((0, int(rng.integers(max(frames - width, 0) + 1)), width))
+        return tuple(masks)
+
+
+def apply_masks(mel: np.ndarray, masks: tuple) -> np.ndarray:
+    """A copy of `mel` (frames, n_mels) with `masks` (SpecAugment.draw) set to zero, the features'
+    value past the audio (zero-padded log-mel)."""
+    out = np.array(mel, copy=True)
+    for axis, start, width in masks:
+        if axis == 1:
+            out[:, start : start + width] = 0.0
+        else:
+            out[start : start + width] = 0.0
+    return out
+
+
+def no_speech_kind(rng: np.random.Generator) -> tuple:
+    """The first draws of `no_speech_audio`: (kind, number of samples), without making the audio."""
+    return NO_SPEECH_KINDS[int(rng.integers(len(NO_SPEECH_KINDS)))], int(rng.uniform(1.0, 30.0) * SAMPLE_RATE)
 
 
 def no_speech_audio(rng: np.random.Generator) -> tuple:
     """(kind, 16 kHz samples) of a window without speech: 1-30 s of silence, white or brown noise, or mains hum."""
-    kind = NO_SPEECH_KINDS[int(rng.integers(len(NO_SPEECH_KINDS)))]
-    n = int(rng.uniform(1.0, 30.0) * SAMPLE_RATE)
+    kind, n = no_speech_kind(rng)
     level = 10 ** (rng.uniform(-60.0, -20.0) / 20)  # RMS from -60 to -20 dBFS
     if kind == "silence":
         return kind, np.zeros(n, dtype=np.float32)

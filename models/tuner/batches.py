@@ -1,43 +1,43 @@
 """Training examples as model inputs: features and label tokens, dropped examples, padded batches.
 
-`prepare_examples` turns `Example`s into `Features` (30 s of log-mel frames and the label
-tokens Whisper is trained on), which `iterate_batches` pads into `Batch`es in an order that
-depends only on (seed, epoch).
+`Features` hold an example's label tokens and either its log-mel frames (`mel`) or where its
+audio comes from (`audio`, see pipeline.py: decoded when its batch is due). `prepare_examples`
+computes every example's features at once (small sets, tests); `iterate_batches` pads batches in an
+order that depends only on (seed, epoch), loading lazy features through a `pipeline.FeatureLoader`.
 """
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from itertools import islice
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_features, load_audio
+from ..audio import N_FRAMES, clip_features
 from ..tokenizer import Tokenizer
-from .augment import SpecAugment
+from .augment import SpecAugment, apply_masks
 from .datasets import DropReport, Example
 from .labels import (  # noqa: F401  (DroppedExample and label_tokens are used from here too)
     MAX_LABEL_TOKENS,
     DroppedExample,
     Labeler,
     label_tokens,
-    segment_windows,
-    text_start,
-    timed_clip,
-    timed_segments,
 )
-
-MAX_PRINTED_PROBLEMS = 10
+from .pipeline import MAX_PRINTED_PROBLEMS, FeatureLoader, scan_examples
 
 
 @dataclass
 class Features:
-    mel: np.ndarray  # (N_FRAMES, n_mels) float16
+    mel: Optional[np.ndarray]  # (N_FRAMES, n_mels) float16; None: computed from `audio` when needed
     labels: np.ndarray  # (n_tokens,) int32: sot, language, transcribe, notimestamps, text..., eot
     source: str
     timed: Optional[np.ndarray] = None  # the text with timestamps (labels.py); None for no speech
     group: Optional[str] = None  # speaker or recording: where a previous-text prompt comes from
     frames: int = N_FRAMES  # mel frames that hold audio
+    audio: object = None  # pipeline.ClipAudio / PackedAudio / NoSpeechAudio: `read()` gives the samples
+    n_samples: Optional[int] = None  # length of the audio (16 kHz samples)
+    dropped: bool = False  # its audio could not be decoded: a fully masked row
 
 
 @dataclass
@@ -80,77 +80,30 @@ def iter_features(
     max_label_tokens: int = MAX_LABEL_TOKENS,
     verbose: bool = True,
 ) -> Iterator[Features]:
-    """Features of each usable example, lazily; drops are counted in `report` (and the first
-    unreadable files printed, when `verbose`)."""
+    """Features (mel computed) of each usable example, lazily; drops are counted in `report` (and the
+    first unreadable files printed, when `verbose`)."""
     printed = 0 if verbose else MAX_PRINTED_PROBLEMS
-    for example in examples:
-        report.total += 1
+    for f in scan_examples(examples, tokenizer, default_language, report, max_label_tokens, verbose):
         try:
-            language = example.language or default_language
-            if example.segments is None:
-                found = [_clip_example(example, tokenizer, language, n_mels, max_label_tokens)]
-            else:
-                found = _recording_windows(example, tokenizer, language, n_mels, max_label_tokens)
-        except DroppedExample as dropped:
-            report.drop(dropped.reason, example.source, dropped.detail)
-            if dropped.reason == "unreadable audio" and printed < MAX_PRINTED_PROBLEMS:
+            yield with_mel(f, n_mels)
+        except DroppedExample as dropped:  # damage that only decoding shows
+            report.drop(dropped.reason, f.source, dropped.detail)
+            report.kept -= 1
+            if printed < MAX_PRINTED_PROBLEMS:
                 printed += 1
-                tqdm.write(f"Skipping {example.source}: {dropped.detail}")
-            continue
-        report.kept += 1
-        yield from found
+                tqdm.write(f"Skipping {f.source}: {dropped.detail}")
 
 
-def _clip_example(example: Example, tokenizer: Tokenizer, language, n_mels: int, max_label_tokens: int) -> Features:
-    labels = label_tokens(tokenizer, example.text, language, max_label_tokens)
-    samples = read_samples(example.audio)
-    if len(samples) > N_SAMPLES:
-        raise DroppedExample("audio longer than 30 s", f"{len(samples) / SAMPLE_RATE:.1f} s; give it segments")
-    timed = timed_clip(tokenizer, labels, len(samples) / SAMPLE_RATE)
-    if len(labels) + 1 > max_label_tokens:  # the timestamped form is one token longer
-        raise DroppedExample("transcript too long", f"{len(labels) + 1} tokens > {max_label_tokens}")
-    return Features(mel_features(samples, n_mels), labels, example.source, timed, example.group, audio_frames(samples))
-
-
-def _recording_windows(example: Example, tokenizer: Tokenizer, language, n_mels: int, max_label_tokens: int):
-    """A long recording with segments: one example per window of at most 30 s (labels.segment_windows)."""
-    samples = read_samples(example.audio)
-    duration = len(samples) / SAMPLE_RATE
-    last_end = example.segments[-1]["end"]
-    if last_end > duration + 0.05:
-        raise DroppedExample("segments past the audio", f"the last ends at {last_end:.2f} s of {duration:.2f} s")
-    try:
-        windows = segment_windows(example.segments)
-    except ValueError as e:
-        raise DroppedExample("segment longer than 30 s", str(e)) from None
-    found = []
-    for k, (start, end, segments) in enumerate(windows):
-        text = " ".join(s["text"].strip() for s in segments)
-        labels = label_tokens(tokenizer, text, language, max_label_tokens)
-        timed = timed_segments(tokenizer, segments, start)
-        if text_start(tokenizer, labels) + len(timed) > max_label_tokens:  # the timestamped form
-            raise DroppedExample("transcript too long", f"window {k} at {start:.2f} s")
-        clip = samples[int(round(start * SAMPLE_RATE)) : int(round(end * SAMPLE_RATE))]
-        source, group = f"{example.source}@{start:.2f}s", example.group or example.source
-        found.append(Features(mel_features(clip, n_mels), labels, source, timed, group, audio_frames(clip)))
-    return found
-
-
-def read_samples(audio: Union[str, bytes, np.ndarray]) -> np.ndarray:
-    if isinstance(audio, np.ndarray):  # joined in memory (packed_examples)
-        return audio
-    try:
-        return load_audio(audio)
-    except Exception as e:  # decoders raise many types; the message names the file
-        raise DroppedExample("unreadable audio", str(e)) from None
+def with_mel(f: Features, n_mels: int) -> Features:
+    """`f` with its log-mel features computed (numpy, as transcription computes them)."""
+    if f.mel is not None:
+        return f
+    samples = f.audio.read()
+    return replace(f, mel=mel_features(samples, n_mels), audio=None)
 
 
 def mel_features(samples: np.ndarray, n_mels: int) -> np.ndarray:
     return clip_features(samples, n_mels).astype(np.float16)  # (N_FRAMES, n_mels), as transcribe() sees it
-
-
-def audio_frames(samples: np.ndarray) -> int:
-    return min(len(samples) // HOP_LENGTH, N_FRAMES)
 
 
 # ---------------------------------------------------------------- batching
@@ -203,14 +156,28 @@ def iterate_batches(
     world_size: int = 1,
     labeler: Optional[Labeler] = None,
     spec_augment: Optional[SpecAugment] = None,
+    loader: Optional[FeatureLoader] = None,
 ) -> Iterator[Batch]:
     """Padded batches of one epoch in an order fixed by (seed, epoch); `start_batch` skips ahead.
 
     `batch_size` is the global batch: with `world_size` > 1 each rank gets its slice of it.
-    `labeler` (over `features`) draws each row's label sequence and `spec_augment` masks its
-    features, from a generator seeded by (seed, epoch, batch, row): a resumed run draws the same.
+    `labeler` (over `features`) draws each row's label sequence and `spec_augment` its masks,
+    from a generator seeded by (seed, epoch, batch, row): a resumed run draws the same.
+    `loader` computes the features of rows without mel (default: one without workers or cache).
     """
     _check_world(batch_size, rank, world_size)
+    plans = _epoch_plans(
+        features, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch, drop_last=drop_last,
+        sort_window=sort_window, rank=rank, world_size=world_size, labeler=labeler, spec_augment=spec_augment,
+    )  # fmt: skip
+    yield from _loaded(plans, loader, pad_to_multiple, pad_id)
+
+
+def _epoch_plans(
+    features, batch_size, *, shuffle, seed, epoch, start_batch, drop_last, sort_window=None, rank=0, world_size=1,
+    labeler=None, spec_augment=None,
+) -> Iterator[Tuple[List[Features], bool]]:  # fmt: skip
+    """(rows, masked) of this rank for each batch of one epoch, labels drawn and masks chosen."""
     lengths = [len(f.labels) for f in features]
     order = epoch_batches(
         lengths, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last, sort_window=sort_window
@@ -223,49 +190,96 @@ def iterate_batches(
                 _drawn_row(features, i, labeler, spec_augment, np.random.default_rng([seed, epoch, number, j]))
                 for j, i in enumerate(indices)
             ]
-        yield _rank_slice(rows, rank, world_size, pad_to_multiple, pad_id)
+        yield _rank_slice(rows, rank, world_size)
+
+
+def _loaded(plans, loader: Optional[FeatureLoader], pad_to_multiple: int, pad_id) -> Iterator[Batch]:
+    loader = FeatureLoader() if loader is None else loader
+    for rows, features, masked in loader.batches(plans):
+        yield collate(rows, mel=features, masked=masked, pad_to_multiple=pad_to_multiple, pad_id=pad_id)
 
 
 def _drawn_row(features, index: int, labeler: Optional[Labeler], spec_augment, rng) -> Features:
-    """Example `index` with its drawn label sequence (context tokens recorded) and masked features."""
+    """Example `index` with its drawn label sequence (context tokens recorded) and SpecAugment masks."""
     f = features[index]
     labels, context = (f.labels, 0) if labeler is None else labeler.row(index, rng)
-    mel = f.mel if spec_augment is None else spec_augment(f.mel, f.frames, rng)
-    return _Row(mel, labels, f.source, f.timed, f.group, f.frames, context)
+    masks = ()
+    if spec_augment is not None:
+        masks = spec_augment.draw(spec_augment.n_mels if f.mel is None else f.mel.shape[1], f.frames, rng)
+    return _Row(f.mel, labels, f.source, f.timed, f.group, f.frames, f.audio, f.n_samples, f.dropped, context, masks)
 
 
 @dataclass
 class _Row(Features):
     context: int = 0  # leading targets that are a prompt: masked out of the loss
+    masks: tuple = ()  # SpecAugment's (axis, start, width) masks
 
 
 def training_batches(
-    features: Sequence[Features], batch_size: int, *, seed: int, start_step: int = 0, drop_last: bool = True, **kwargs
+    features: Sequence[Features],
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    drop_last: bool = True,
+    pad_to_multiple: int = 8,
+    pad_id: Optional[int] = None,
+    loader: Optional[FeatureLoader] = None,
+    **plan_options,
 ) -> Iterator[Batch]:
     """Endless shuffled batches, epoch after epoch, from micro-batch `start_step` on (for resuming).
 
     Step s is batch s % per_epoch of epoch s // per_epoch, so a resumed run sees the same data.
-    `kwargs` go to `iterate_batches`.
+    The loader reads ahead across epoch boundaries. `plan_options` (sort_window, rank, world_size,
+    labeler, spec_augment) are `iterate_batches`'.
     """
+    _check_world(batch_size, plan_options.get("rank", 0), plan_options.get("world_size", 1))
+    plans = _training_plans(features, batch_size, seed, start_step, drop_last, plan_options)
+    yield from _loaded(plans, loader, pad_to_multiple, pad_id)
+
+
+def _training_plans(features, batch_size: int, seed: int, start_step: int, drop_last: bool, plan_options: dict):
     per_epoch = len(features) // batch_size if drop_last else -(-len(features) // batch_size)
     if per_epoch == 0:
         n = len(features)
         raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}; lower --batch-size")
     epoch, start = divmod(start_step, per_epoch)
     while True:
-        yield from iterate_batches(
-            features, batch_size, shuffle=True, seed=seed, epoch=epoch, start_batch=start, drop_last=drop_last, **kwargs
-        )
+        yield from _epoch_plans(
+            features, batch_size, shuffle=True, seed=seed, epoch=epoch, start_batch=start, drop_last=drop_last,
+            **plan_options,
+        )  # fmt: skip
         epoch, start = epoch + 1, 0
 
 
+def batch_shapes(
+    features: Sequence[Features], batch_size: int, steps: int, *, seed: int, start_step: int = 0,
+    drop_last: bool = True, pad_to_multiple: int = 8, **plan_options,
+) -> set:  # fmt: skip
+    """The (rows, padded target width) of the next `steps` batches of `training_batches` with the same
+    arguments: labels drawn, nothing loaded (the compiled step is built for each before training)."""
+    plans = _training_plans(features, batch_size, seed, start_step, drop_last, plan_options)
+    shapes = set()
+    for rows, _ in islice(plans, steps):
+        longest = max(len(f.labels) for f in rows) - 1
+        shapes.add((len(rows), -(-longest // pad_to_multiple) * pad_to_multiple))
+    return shapes
+
+
 def collate(
-    features: Sequence[Features], *, pad_to_multiple: int = 8, pad_id: Optional[int] = None, masked: bool = False
+    features: Sequence[Features],
+    *,
+    mel: Optional[mx.array] = None,
+    pad_to_multiple: int = 8,
+    pad_id: Optional[int] = None,
+    masked: bool = False,
 ) -> Batch:
-    """Stack mels; pad inputs/targets to the longest row, rounded up to `pad_to_multiple`.
+    """Stack mels (or take `mel`, loaded already); pad inputs/targets to the longest row, rounded up
+    to `pad_to_multiple`.
 
     `pad_id` defaults to the end-of-text token every label sequence ends with; padding is
-    masked out, so its value never reaches the loss. `masked` zeroes the whole mask.
+    masked out, so its value never reaches the loss. `masked` zeroes the whole mask, a dropped row's
+    mask is zero too. Rows' SpecAugment masks are applied to the features.
     """
     longest = max(len(f.labels) for f in features) - 1
     width = -(-longest // pad_to_multiple) * pad_to_multiple
@@ -279,9 +293,20 @@ def collate(
         n = len(f.labels) - 1
         inputs[row, :n], targets[row, :n], mask[row, :n] = f.labels[:-1], f.labels[1:], 0.0 if masked else 1.0
         mask[row, : getattr(f, "context", 0)] = 0.0  # a previous-text prompt is context, not a target
-    mel = mx.array(np.stack([f.mel for f in features])).astype(mx.float32)  # (B, N_FRAMES, n_mels)
+        if f.dropped:
+            mask[row] = 0.0
+    if mel is None:
+        mel = mx.array(np.stack([f.mel for f in features])).astype(mx.float32)  # (B, N_FRAMES, n_mels)
+    if any(getattr(f, "masks", ()) for f in features):
+        mel = mel * mx.array(_spec_keep(features, mel.shape[1:]))
     sources = [f.source for f in features]
     return Batch(mel, mx.array(inputs), mx.array(targets), mx.array(mask), int(mask.sum()), sources)
+
+
+def _spec_keep(features: Sequence[Features], shape) -> np.ndarray:
+    """(B, frames, n_mels) of 1 where features are kept and 0 under a row's SpecAugment masks."""
+    ones = np.ones(shape, dtype=np.float32)
+    return np.stack([apply_masks(ones, getattr(f, "masks", ())) for f in features])
 
 
 def _check_world(batch_size: int, rank: int, world_size: int) -> None:
@@ -291,13 +316,13 @@ def _check_world(batch_size: int, rank: int, world_size: int) -> None:
         )
 
 
-def _rank_slice(global_batch: List[Features], rank: int, world_size: int, pad_to_multiple: int, pad_id) -> Batch:
-    """This rank's part of a global batch. A rank left with nothing (a short last batch) gets a
-    fully masked row, so every rank still runs the same number of steps."""
+def _rank_slice(global_batch: List[Features], rank: int, world_size: int) -> Tuple[List[Features], bool]:
+    """This rank's rows of a global batch, and whether they are to be masked. A rank left with nothing
+    (a short last batch) gets a fully masked row, so every rank still runs the same number of steps."""
     part = np.array_split(np.arange(len(global_batch)), world_size)[rank]
     if len(part) == 0:
-        return collate(global_batch[:1], pad_to_multiple=pad_to_multiple, pad_id=pad_id, masked=True)
-    return collate([global_batch[i] for i in part], pad_to_multiple=pad_to_multiple, pad_id=pad_id)
+        return global_batch[:1], True
+    return [global_batch[i] for i in part], False
 
 
 # ---------------------------------------------------------------- streaming
@@ -315,31 +340,27 @@ def stream_batches(
     rank: int = 0,
     world_size: int = 1,
     max_label_tokens: int = MAX_LABEL_TOKENS,
+    start_batch: int = 0,
+    loader: Optional[FeatureLoader] = None,
 ) -> Iterator[Batch]:
-    """Batches computed on the fly from a stream of examples, in stream order (shuffle a Hub stream
-    with `HubExamples.shuffled`). Every rank reads the whole stream and takes its slice of each
-    global batch; a short last batch is kept. Drops are counted in `report`.
+    """Batches of a stream of examples, in stream order (shuffle a Hub stream with
+    `HubExamples.shuffled`), from batch `start_batch` on: the batches before it are only scanned
+    (transcripts and audio headers), not decoded. Every rank reads the whole stream and takes its
+    slice of each global batch; a short last batch is kept. Drops are counted in `report`.
     """
     _check_world(batch_size, rank, world_size)
     report = DropReport() if report is None else report
-    pending: List[Features] = []
-    for feature in iter_features(
-        examples, tokenizer, n_mels, default_language, report, max_label_tokens, verbose=rank == 0
-    ):
-        pending.append(feature)
-        if len(pending) == batch_size:
-            yield _rank_slice(pending, rank, world_size, pad_to_multiple, None)
-            pending = []
-    if pending:
-        yield _rank_slice(pending, rank, world_size, pad_to_multiple, None)
+    loader = FeatureLoader(n_mels, report=report) if loader is None else loader
 
+    def plans():
+        pending, number = [], 0
+        for f in scan_examples(examples, tokenizer, default_language, report, max_label_tokens, verbose=rank == 0):
+            pending.append(f)
+            if len(pending) == batch_size:
+                if number >= start_batch:
+                    yield _rank_slice(pending, rank, world_size)
+                pending, number = [], number + 1
+        if pending and number >= start_batch:
+            yield _rank_slice(pending, rank, world_size)
 
-def encode_features(model, features: Sequence[Features], batch_size: int) -> List[Features]:
-    """Frozen encoder: each clip's mel replaced by its encoder output (float16), computed once."""
-    out = []
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
-        mel = mx.array(np.stack([f.mel for f in chunk])).astype(model.dtype)
-        encoded = np.array(model.embed_audio(mel).astype(mx.float16))
-        out += [replace(f, mel=e) for e, f in zip(encoded, chunk)]
-    return out
+    yield from _loaded(plans(), loader, pad_to_multiple, None)

@@ -57,7 +57,8 @@ class DropReport:
         if not self.counts:
             return summary
         reasons = ", ".join(f"{reason}: {n} (e.g. {self.samples[reason][0]})" for reason, n in self.counts.items())
-        return f"{summary}; dropped {self.dropped}: {reasons}"
+        dropped = f"dropped {self.dropped}: {reasons}"
+        return dropped if self.total == 0 else f"{summary}; {dropped}"  # total 0: drops found while loading
 
 
 class DatasetLoadError(RuntimeError):

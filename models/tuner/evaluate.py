@@ -6,10 +6,12 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..inference.decoding import DecodingOptions, decode_batches
+from ..inference.decoding import DecodingOptions
+from ..inference.decoding import decode as decode_windows
 from ..tokenizer import Tokenizer
 from .batches import Features, collate
 from .metrics import corpus_counts, normalize_text, orthographic_text, rates_from_counts
+from .pipeline import FeatureLoader
 
 
 @dataclass
@@ -43,11 +45,13 @@ def language_of(tokenizer: Tokenizer, labels: np.ndarray) -> Optional[str]:
     return None
 
 
-def validation_loss(model, features: Sequence[Features], batch_size: int, loss_fn, world=None) -> tuple:
+def validation_loss(model, features: Sequence[Features], batch_size: int, loss_fn, world=None, loader=None) -> tuple:
     """Token-weighted mean loss over `features` (summed across ranks when `world` is given)."""
+    loader = FeatureLoader() if loader is None else loader
     total, tokens = mx.array(0.0), mx.array(0.0)
     for start in range(0, len(features), batch_size):
-        batch = collate(features[start : start + batch_size])
+        rows, mel = loader.load(features[start : start + batch_size])
+        batch = collate(rows, mel=mel)
         mel = batch.mel.astype(model.dtype)
         loss, n = loss_fn(model, mel, batch.inputs, batch.targets, batch.mask)
         total, tokens = total + loss * n, tokens + n
@@ -57,29 +61,37 @@ def validation_loss(model, features: Sequence[Features], batch_size: int, loss_f
     return float(total / mx.maximum(tokens, 1)), int(tokens.item())
 
 
-def greedy_predictions(model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int) -> List[dict]:
+def greedy_predictions(
+    model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int, loader=None
+) -> List[dict]:
     """Greedy transcripts (no timestamps) of each clip, decoded in batches of one language."""
+    loader = FeatureLoader() if loader is None else loader
     by_language: Dict[Optional[str], List[Features]] = {}
     for f in features:
         by_language.setdefault(language_of(tokenizer, f.labels), []).append(f)
     predictions = []
     for language, group in by_language.items():
         options = DecodingOptions(language=language, without_timestamps=True)
-        windows = [f.mel.astype(np.float32) for f in group]
-        for f, result in zip(group, decode_batches(model, windows, options, batch_size)):
-            predictions.append(
-                {
-                    "source": f.source,
-                    "language": language,
-                    "ref": reference_text(tokenizer, f.labels),
-                    "hyp": result.text,
-                }
-            )
+        for start in range(0, len(group), batch_size):
+            rows, windows = loader.load(group[start : start + batch_size])
+            results = decode_windows(model, windows, options)
+            predictions += [_prediction(tokenizer, f, language, result) for f, result in zip(rows, results)]
     return predictions
 
 
+def _prediction(tokenizer: Tokenizer, f: Features, language: Optional[str], result) -> dict:
+    return {"source": f.source, "language": language, "ref": reference_text(tokenizer, f.labels), "hyp": result.text}
+
+
 def evaluate(
-    model, tokenizer: Tokenizer, features: Sequence[Features], batch_size: int, loss_fn, decode: bool = True, world=None
+    model,
+    tokenizer: Tokenizer,
+    features: Sequence[Features],
+    batch_size: int,
+    loss_fn,
+    decode: bool = True,
+    world=None,
+    loader=None,
 ) -> EvalResult:
     """Validation loss and, with `decode`, greedy WER/CER of `features`.
 
@@ -92,10 +104,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        loss, n_tokens = validation_loss(model, shard, batch_size, loss_fn, world)
+        loss, n_tokens = validation_loss(model, shard, batch_size, loss_fn, world, loader)
         result = EvalResult(loss, n_tokens)
         if decode and features:  # all ranks take part, even one whose shard is empty
-            result.predictions = greedy_predictions(model, tokenizer, shard, batch_size)
+            result.predictions = greedy_predictions(model, tokenizer, shard, batch_size, loader)
             result.wer, result.cer = error_rates(result.predictions, world)
             result.wer_orthographic, result.cer_orthographic = error_rates(result.predictions, world, orthographic_text)
     finally:

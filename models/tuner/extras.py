@@ -1,7 +1,8 @@
 """Examples added to a training set: packed windows of joined clips, no-speech windows, replay.
 
 lora.py's --pack-fraction, --no-speech-fraction and --mix-data draw them once, from the seed,
-before training; they are then ordinary examples of the set.
+before training; they are then ordinary examples of the set. Like the scanned training clips
+they hold where their audio comes from, not their features (pipeline.py).
 """
 
 from typing import List, Sequence
@@ -10,60 +11,78 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..tokenizer import Tokenizer
-from .augment import no_speech_audio
-from .batches import DroppedExample, Features, audio_frames, mel_features, read_samples
-from .datasets import Example
-from .labels import no_speech_labels
+from .augment import no_speech_kind
+from .batches import Features
+from .labels import MAX_LABEL_TOKENS, no_speech_labels, text_start, timestamp_token
+from .sources import ClipAudio, NoSpeechAudio, PackedAudio, frames_of
 
 MAX_MISFITS = 3  # packed_examples: draws in a row that do not fit close a window
+WINDOW_SAMPLES = 30 * SAMPLE_RATE
 
 
-def no_speech_examples(tokenizer: Tokenizer, n_mels: int, count: int, seed: int) -> List[Features]:
+def no_speech_examples(tokenizer: Tokenizer, count: int, seed: int) -> List[Features]:
     """`count` windows of silence or noise (augment.no_speech_audio) labelled as no speech, drawn from `seed`."""
     found = []
     for i in range(count):
-        kind, samples = no_speech_audio(np.random.default_rng([seed, 7919, i]))
-        source = f"no-speech:{i} ({kind}, {len(samples) / SAMPLE_RATE:.1f} s)"
-        found.append(
-            Features(mel_features(samples, n_mels), no_speech_labels(tokenizer), source, frames=audio_frames(samples))
-        )
+        audio = NoSpeechAudio((seed, 7919, i))
+        kind, n = no_speech_kind(np.random.default_rng(list(audio.seed)))
+        source = f"no-speech:{i} ({kind}, {n / SAMPLE_RATE:.1f} s)"
+        found.append(Features(None, no_speech_labels(tokenizer), source, frames=frames_of(n), audio=audio, n_samples=n))
     return found
 
 
-def packed_examples(examples: Sequence[Example], count: int, seed: int, gaps=(0.2, 1.0)) -> List[Example]:
+def packed_examples(
+    clips: Sequence[Features], tokenizer: Tokenizer, count: int, seed: int, gaps=(0.2, 1.0)
+) -> List[Features]:
     """`count` windows of several training clips of one language joined with `gaps` seconds of
     silence, up to 30 s, each clip a timestamped segment: what teaches an adapter that speech
     goes on after the first sentence (long-form transcription) instead of ending the window.
-    A window closes after MAX_MISFITS draws in a row that do not fit: it decodes a few clips more than it holds.
+    A window closes after MAX_MISFITS draws in a row that do not fit. Clip lengths come from the
+    scan (`n_samples`): nothing is decoded here.
     """
-    rng, packed, by_language = np.random.default_rng([seed, 15485863]), [], {}
-    usable = [e for e in examples if e.segments is None and e.text.strip()]
-    for e in usable:
-        by_language.setdefault(e.language, []).append(e)
+    rng, packed, by_prefix = np.random.default_rng([seed, 15485863]), [], {}
+    usable = [f for f in clips if isinstance(f.audio, ClipAudio) and f.timed is not None and f.n_samples]
+    for f in usable:
+        by_prefix.setdefault(_prefix(tokenizer, f), []).append(f)
     for i in range(count if usable else 0):
-        pool = by_language[usable[int(rng.integers(len(usable)))].language]
-        pieces, segments, t, used, misfits = [], [], 0.0, set(), 0
-        while misfits < MAX_MISFITS and len(used) < len(pool) and t < 30.0 - gaps[0] - 1.0:
-            j = int(rng.integers(len(pool)))
-            if j in used:
-                continue
-            used.add(j)
-            try:
-                clip = read_samples(pool[j].audio)
-            except DroppedExample:
-                continue  # counted when the clip itself was prepared
-            gap = float(rng.uniform(*gaps)) if pieces else float(rng.uniform(0.0, gaps[1]))
-            if t + gap + len(clip) / SAMPLE_RATE > 30.0:
-                misfits += 1
-                continue
-            misfits, start = 0, t + gap
-            pieces += [np.zeros(int(gap * SAMPLE_RATE), np.float32), clip]
-            t = start + len(clip) / SAMPLE_RATE
-            segments.append({"start": start, "end": t, "text": pool[j].text})
-        if segments:
-            audio = np.concatenate(pieces).astype(np.float32)
-            packed.append(Example(audio, "", pool[0].language, f"packed:{i} ({len(segments)} clips)", segments))
+        prefix = _prefix(tokenizer, usable[int(rng.integers(len(usable)))])
+        window = _pack_window(tokenizer, by_prefix[prefix], prefix, rng, gaps)
+        if window is not None:
+            pieces, text, timed, n = window
+            source = f"packed:{i} ({len(pieces)} clips)"
+            labels = np.array([*prefix, tokenizer.no_timestamps, *text, tokenizer.eot], dtype=np.int32)
+            packed.append(Features(None, labels, source, timed, None, frames_of(n), PackedAudio(pieces), n))
     return packed
+
+
+def _prefix(tokenizer: Tokenizer, f: Features) -> tuple:
+    """The start of a clip's labels before <|notimestamps|>: <|startoftranscript|> and its language and task."""
+    return tuple(int(t) for t in f.labels[: text_start(tokenizer, f.labels) - 1])
+
+
+def _pack_window(tokenizer: Tokenizer, pool: Sequence[Features], prefix: tuple, rng, gaps):
+    pieces, text, timed, t, used, misfits = [], [], [], 0, set(), 0
+    while misfits < MAX_MISFITS and len(used) < len(pool) and t < WINDOW_SAMPLES - (gaps[0] + 1.0) * SAMPLE_RATE:
+        j = int(rng.integers(len(pool)))
+        if j in used:
+            continue
+        used.add(j)
+        clip = pool[j]
+        words = clip.labels[text_start(tokenizer, clip.labels) : -1].tolist()
+        gap = int(float(rng.uniform(*gaps) if pieces else rng.uniform(0.0, gaps[1])) * SAMPLE_RATE)
+        start, end = t + gap, t + gap + clip.n_samples
+        too_long = len(prefix) + 2 + len(timed) + len(words) + 2 > MAX_LABEL_TOKENS
+        if end > WINDOW_SAMPLES or too_long:
+            misfits += 1
+            continue
+        misfits, t = 0, end
+        pieces.append((clip.audio, gap))
+        text += words
+        timed += [timestamp_token(tokenizer, start / SAMPLE_RATE), *words]
+        timed.append(timestamp_token(tokenizer, end / SAMPLE_RATE))
+    if not pieces:
+        return None
+    return tuple(pieces), text, np.array(timed, dtype=np.int32), t
 
 
 def mixed_in(examples: Sequence[Features], count: int, seed: int) -> List[Features]:

@@ -5,7 +5,7 @@ import signal
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,10 +15,12 @@ from mlx.utils import tree_flatten, tree_map
 from ..tokenizer import Tokenizer
 from .adapters import AdapterFolder, MetricsLog, load_resume_state, save_resume_state
 from .augment import SpecAugment
-from .batches import Batch, Features, training_batches
+from .batches import Batch, Features, batch_shapes, training_batches
+from .checkpointing import checkpoint_blocks
 from .distributed import all_sum_tree, any_rank
 from .evaluate import evaluate
 from .labels import Labeler
+from .pipeline import FeatureLoader
 from .report import plot_metrics
 
 
@@ -46,6 +48,9 @@ class TrainingArgs:
     # Stop after this step as Ctrl-C would (save a resumable checkpoint, return): tests use it to
     # interrupt a run at a known step; the schedule still follows `iters`.
     stop_after: Optional[int] = None
+    # Build the compiled step for every batch shape of the coming steps before step 1. None: on a GPU only,
+    # where a new shape costs a compile many steps long; on the CPU a step outlasts its compile.
+    precompile: Optional[bool] = None
 
 
 def build_schedule(args: TrainingArgs) -> Callable:
@@ -90,7 +95,7 @@ class Trainer:
         self.schedule = build_schedule(args)
         self.optimizer = optim.AdamW(learning_rate=self.schedule, weight_decay=args.weight_decay)
         if args.grad_checkpoint:
-            _checkpoint_blocks(model)
+            checkpoint_blocks(model)
         self.loss_and_grad = nn.value_and_grad(model, loss_fn)
         self._build_steps()
 
@@ -139,47 +144,26 @@ class Trainer:
             mx.eval(total_loss, total_tokens, total_grads)
         return self._apply(total_loss, total_tokens, total_grads)
 
+    def precompile(self, shapes: Iterable[Tuple[int, int]], features_shape: Tuple[int, ...]) -> None:
+        """Build the compiled step for each (rows, target width) of `shapes` before training, so no report
+        window pays for a new shape; weights, optimizer state and random key are put back as they were.
+        (Ranks of a distributed run would each need the same shapes: they compile as they go instead.)"""
+        model, optimizer = self.model, self.optimizer
+        optimizer.init(model.trainable_parameters())  # what the first update would do; a resumed state is kept
+        params, state = tree_map(lambda x: x, model.parameters()), tree_map(lambda x: x, optimizer.state)
+        high, low = (int(v) for v in mx.random.state[0].tolist())
+        for rows, width in sorted(shapes):
+            tokens, mask = mx.zeros((rows, width), mx.int32), mx.zeros((rows, width), mx.float32)
+            batch = Batch(mx.zeros((rows, *features_shape)), tokens, tokens, mask, 0, [])
+            mx.eval(Trainer.train_step(self, [batch] * self.args.grad_accumulation), model.state, optimizer.state)
+        model.update(params)
+        optimizer.state.clear()  # in place: the compiled steps hold this very dict
+        optimizer.state.update(state)
+        mx.random.seed((high << 32) | low)  # the same key (adapters.load_resume_state does the same)
+        mx.eval(model.parameters(), optimizer.state)
+
     def lr_at(self, step: int) -> float:
         return float(self.schedule(mx.array(step)))
-
-
-def _checkpoint_blocks(model):
-    """Recompute each residual block in the backward pass instead of keeping its activations.
-
-    The block class is patched once, but only blocks of `model` are checkpointed: other models
-    (a decoding run, a test's reference model) keep the plain forward pass. Dropout is refused:
-    the recomputation would draw other masks than the forward pass, and the gradients would be wrong.
-    """
-    if any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
-        raise ValueError(
-            "--grad-checkpoint cannot be combined with dropout (--lora-dropout > 0): the "
-            "recomputed forward pass would draw other dropout masks; drop one of the two"
-        )
-    for blocks in (model.encoder.blocks, model.decoder.blocks):
-        for block in blocks:
-            block._grad_checkpoint = True
-            block_class = type(block)
-            if getattr(block_class, "_checkpointed", False):
-                continue
-            original = block_class.__call__
-
-            def checkpointed(self, x, *args, _original=original, **kwargs):
-                if (
-                    not getattr(self, "_grad_checkpoint", False)
-                    or not self.training
-                    or kwargs.get("kv_cache") is not None
-                    or kwargs.get("return_qk")
-                ):
-                    return _original(self, x, *args, **kwargs)
-
-                def inner(params, x, *inner_args):
-                    self.update(params)
-                    return _original(self, x, *inner_args, **kwargs)[0]
-
-                return mx.checkpoint(inner)(self.trainable_parameters(), x, *args), None, None
-
-            block_class.__call__ = checkpointed
-            block_class._checkpointed = True
 
 
 class TrainingStopped(RuntimeError):
@@ -189,8 +173,8 @@ class TrainingStopped(RuntimeError):
 class _Run:
     """What one call of `train` keeps between steps: the folder, metrics, best score, last save."""
 
-    def __init__(self, trainer: Trainer, val_set: Sequence[Features], folder: AdapterFolder, resume: bool):
-        self.trainer, self.folder, self.is_main = trainer, folder, trainer.rank == 0
+    def __init__(self, trainer: Trainer, val_set: Sequence[Features], folder: AdapterFolder, resume: bool, loader):
+        self.trainer, self.folder, self.is_main, self.loader = trainer, folder, trainer.rank == 0, loader
         args = trainer.args
         if self.is_main:
             folder.path.mkdir(parents=True, exist_ok=True)
@@ -210,8 +194,9 @@ class _Run:
             return None
         tic = time.perf_counter()
         result = evaluate(
-            trainer.model, trainer.tokenizer, self.val_subset, self.eval_batch, loss_fn, world=trainer.world
-        )
+            trainer.model, trainer.tokenizer, self.val_subset, self.eval_batch, loss_fn, world=trainer.world,
+            loader=self.loader,
+        )  # fmt: skip
         record = {
             "step": step,
             "val_loss": result.loss,
@@ -256,6 +241,37 @@ class _Run:
         self.last_saved = step
 
 
+PRECOMPILE_STEPS = 1000  # the shapes of this many steps' batches are compiled before the first
+
+
+class _Upcoming:
+    """The micro-batches of the next step, fetched ahead; the end of a stream is raised when they are taken."""
+
+    def __init__(self, batches: Iterator[Batch], count: int):
+        self.batches, self.count, self.ready = batches, count, None
+
+    def fetch(self) -> None:
+        try:
+            self.ready = [next(self.batches) for _ in range(self.count)]
+        except StopIteration:
+            self.ready = None
+
+    def take(self) -> list:
+        if self.ready is None:
+            self.fetch()
+            if self.ready is None:
+                raise StopIteration("the training batches ran out")
+        ready, self.ready = self.ready, None
+        return ready
+
+
+def _late_note(record: dict, steps: int) -> str:
+    """What the report line says when steps waited for data (the loader's queue ran empty)."""
+    if not record["data_late"]:
+        return ""
+    return f", data late for {record['data_late']} of {steps} steps ({record['data_wait_s']:.1f} s waiting)"
+
+
 def train(
     trainer: Trainer,
     train_set: Sequence[Features],
@@ -265,31 +281,31 @@ def train(
     batch_source: Optional[Callable[[int], Iterator[Batch]]] = None,
     labeler: Optional[Labeler] = None,
     spec_augment: Optional[SpecAugment] = None,
+    loader: Optional[FeatureLoader] = None,
 ) -> dict:
     """Run the training loop, saving into `folder` (rank 0 only); returns the last evaluation's numbers.
 
     `batch_source(start)` yields batches from micro-batch `start` on (default: shuffled epochs
     of `train_set`, with labels drawn by `labeler` and features masked by `spec_augment`;
-    streaming datasets pass their own).
+    streaming datasets pass their own). `loader` computes the features of examples that hold
+    only their audio (pipeline.py), for training and validation.
     Ctrl-C saves a resumable checkpoint and returns; a non-finite loss stops without saving.
     """
     args, model, log = trainer.args, trainer.model, trainer.log
-    run = _Run(trainer, val_set, folder, resume)
+    loader = FeatureLoader() if loader is None else loader
+    run = _Run(trainer, val_set, folder, resume, loader)
+    precompile = mx.default_device() == mx.gpu if args.precompile is None else args.precompile
+    precompiled = precompile and batch_source is None and trainer.world is None
     if batch_source is None:
         world_size = 1 if trainer.world is None else trainer.world.size()
+        plan = dict(
+            seed=args.seed, sort_window=args.sort_window, pad_to_multiple=args.pad_to_multiple, rank=trainer.rank,
+            world_size=world_size, labeler=labeler,
+        )  # fmt: skip
 
         def batch_source(start: int) -> Iterator[Batch]:
             return training_batches(
-                train_set,
-                args.batch_size,
-                seed=args.seed,
-                start_step=start,
-                sort_window=args.sort_window,
-                pad_to_multiple=args.pad_to_multiple,
-                rank=trainer.rank,
-                world_size=world_size,
-                labeler=labeler,
-                spec_augment=spec_augment,
+                train_set, args.batch_size, start_step=start, spec_augment=spec_augment, loader=loader, **plan
             )
 
     batches = batch_source(run.start_step * args.grad_accumulation)
@@ -300,17 +316,30 @@ def train(
         if run.start_step == 0 and args.steps_per_eval > 0:
             last_eval = run.evaluate(0)
         model.train()
+        upcoming = _Upcoming(batches, args.grad_accumulation)
+        if precompiled and run.start_step < args.iters:
+            upcoming.fetch()
+            steps = min(args.iters - run.start_step, PRECOMPILE_STEPS) * args.grad_accumulation
+            start = run.start_step * args.grad_accumulation
+            shapes = batch_shapes(train_set, args.batch_size, steps, start_step=start, **plan)
+            trainer.precompile(shapes, tuple(upcoming.ready[0].mel.shape[1:]))
         loss_sum, token_sum, steps_in_report, tic = mx.array(0.0), mx.array(0.0), 0, time.perf_counter()
+        waited, late = loader.waited, loader.late
         for step in range(run.start_step + 1, args.iters + 1):
-            loss, n_tokens = trainer.train_step([next(batches) for _ in range(args.grad_accumulation)])
+            loss, n_tokens = trainer.train_step(upcoming.take())
             loss_sum, token_sum = loss_sum + loss * n_tokens, token_sum + n_tokens
-            mx.eval(loss_sum, token_sum, model.state, trainer.optimizer.state)
+            computed = (loss_sum, token_sum, model.state, trainer.optimizer.state)
+            mx.async_eval(*computed)
+            if step < args.iters:  # the next step's batches are read and padded while the device runs this one
+                upcoming.fetch()
+            mx.eval(*computed)
             steps_in_report += 1
             stopping = any_rank(bool(interrupted), trainer.world)  # Ctrl-C reaches ranks at different steps
             stopping = stopping or step == args.stop_after
             due_save = step % args.save_every == 0 or step == args.iters or stopping
             due_eval = args.steps_per_eval > 0 and (step % args.steps_per_eval == 0 or step == args.iters)
-            if step % args.steps_per_report == 0 or due_save or due_eval:
+            reporting = step % args.steps_per_report == 0 or due_save or due_eval
+            if reporting:
                 train_loss = float(loss_sum / mx.maximum(token_sum, 1))
                 run.check_finite(step, train_loss)  # non-finite weights must never be kept as best
                 elapsed = time.perf_counter() - tic
@@ -321,13 +350,16 @@ def train(
                     "it_per_s": steps_in_report / elapsed,
                     "tokens_per_s": float(token_sum) / elapsed,
                     "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    "data_wait_s": loader.waited - waited,  # the step waited for the data loader
+                    "data_late": loader.late - late,
                 }
                 log(
                     f"Iter {step}: train loss {train_loss:.3f}, lr {record['lr']:.2e}, it/s {record['it_per_s']:.2f}, "
                     f"tokens/s {record['tokens_per_s']:.0f}, peak mem {record['peak_memory_gb']:.2f} GB"
+                    + _late_note(record, steps_in_report)
                 )
                 run.metrics.write(record)
-                loss_sum, token_sum, steps_in_report, tic = mx.array(0.0), mx.array(0.0), 0, time.perf_counter()
+                loss_sum, token_sum, steps_in_report = mx.array(0.0), mx.array(0.0), 0
             if due_eval:
                 last_eval = run.evaluate(step)
                 model.train()
@@ -341,6 +373,8 @@ def train(
                     )
             if stopping:
                 break
+            if reporting:  # the next window times training steps only, not this evaluation or save
+                tic, waited, late = time.perf_counter(), loader.waited, loader.late
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         model.eval()
