@@ -169,7 +169,6 @@ class FeatureLoader:
         self.waited, self.late = 0.0, 0
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="audio") if num_workers > 0 else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="cache") if num_workers > 0 else None
-        self._stream = mx.new_stream(mx.default_device())
         if num_workers > 0:  # the training thread gets the interpreter back sooner from the reading threads
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
@@ -247,10 +246,9 @@ class FeatureLoader:
     # -- the device's side
 
     def _features(self, rows, fetched) -> Tuple[List, mx.array]:
-        """Rows and their features, computed on a stream of their own and started at once: the device works
-        on them while it still runs the step before (the caller reads ahead, trainer._Upcoming)."""
-        with mx.stream(self._stream):
-            rows, features = self._features_now(rows, fetched)
+        """Rows and their features, started on the device at once (queued behind the step before, while the
+        caller reads ahead: trainer._Upcoming)."""
+        rows, features = self._features_now(rows, fetched)
         mx.async_eval(features)
         return rows, features
 
