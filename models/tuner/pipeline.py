@@ -10,7 +10,6 @@ read from and written to an on-disk cache (cache.py) instead. The order of the b
 depends on the workers: it is fixed by the seed, so resuming repeats it exactly.
 """
 
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,6 @@ from .labels import (
 from .sources import ClipAudio, NoSpeechAudio, PackedAudio, frames_of, read_samples, samples_in  # noqa: F401
 
 MAX_PRINTED_PROBLEMS = 10
-SWITCH_INTERVAL_S = 0.0005  # Python's default, 5 ms, can hold the training thread that long per hand-over
 FEATURES_VERSION = 1  # bump when the features of the same audio change: old cache entries are then not read
 
 
@@ -169,8 +167,6 @@ class FeatureLoader:
         self.waited, self.late = 0.0, 0
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="audio") if num_workers > 0 else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="cache") if num_workers > 0 else None
-        if num_workers > 0:  # the training thread gets the interpreter back sooner from the reading threads
-            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def close(self) -> None:
         """Stop reading ahead; cache entries still being written are finished."""
