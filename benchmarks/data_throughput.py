@@ -11,8 +11,14 @@ per-step `mx.eval`) on the same model, LoRA settings and batches (same seed, so 
   (models/features.py), and with the encoder frozen its outputs computed per batch and kept in an
   on-disk cache (the first epoch computes them, later epochs read them).
 
-Rounds alternate (in memory, from files, ...) after a warm-up that compiles every batch shape;
-each round reports the median it/s of its 10-step windows. The ratio is files / memory.
+Other loaders are timed beside "from files" (lora.py's): "log-mel cache" (features kept in an
+on-disk cache, computed from the audio in the first epoch only) and, with the encoder frozen,
+"encoder per batch" (its outputs computed on the device for every batch, from the audio or from
+the log-mel cache, instead of read from a disk cache).
+
+Rounds alternate (in memory, from files, the other loaders, ...) after a warm-up that compiles
+every batch shape; each round reports the median it/s of its 10-step windows. The ratio is
+files / memory.
 
     python benchmarks/data_throughput.py --model ../shared/models/whisper-base-mlx \
         --data ../shared/data/te ../shared/data/yo ../shared/data/sw --batch-size 32 --out-dir outputs/throughput
@@ -83,29 +89,38 @@ def measure(args, freeze: bool, workdir: Path) -> dict:
 
     in_memory = list(islice(batches(FeatureLoader(n_mels, encoder=encoder)), per_epoch))
     mx.eval([b.mel for b in in_memory])
-    cache = Path(tempfile.mkdtemp(dir=workdir, prefix="encoder-cache-"))
-    loaders = []
+    caches = {name: Path(tempfile.mkdtemp(dir=workdir, prefix=f"{name}-")) for name in ("mel", "encoder")}
 
-    def run(name: str, source) -> dict:
-        folder = AdapterFolder(workdir / f"{'frozen' if freeze else 'trained'}-{name}-{len(results)}", {"lora": {}})
-        loader = FeatureLoader(n_mels, num_workers=args.workers, encoder=encoder, encoder_cache_dir=cache)
-        loaders.append(loader)
+    def loader_for(variant: str) -> FeatureLoader:
+        """lora.py's loader ("files": with the encoder frozen its outputs go to a disk cache), or one that
+        keeps log-mel features in a disk cache ("log-mel cache"), or computes encoder outputs per batch."""
+        mel_cache = caches["mel"] if variant.startswith("log-mel cache") else None
+        encoder_cache = caches["encoder"] if freeze and variant == "files" else None
+        return FeatureLoader(
+            n_mels, num_workers=args.workers, cache_dir=mel_cache, encoder=encoder, encoder_cache_dir=encoder_cache
+        )
+
+    def run(name: str) -> dict:
+        folder = AdapterFolder(workdir / f"{'frozen' if freeze else 'trained'}-{len(results)}", {"lora": {}})
+        loader = loader_for(name)
         tic = time.perf_counter()
-        if source == "memory":
+        if name in ("warm-up", "in memory"):
             train(trainer, examples, [], folder, batch_source=lambda start: cycle(in_memory), loader=loader)
         else:
             train(trainer, examples, [], folder, loader=loader)
         loader.close()
         return {"name": name, "wall_s": time.perf_counter() - tic, **window_rate(folder.metrics)}
 
+    variants = ["files", "log-mel cache"]
+    variants += ["encoder per batch", "log-mel cache, encoder per batch"] if freeze else []
     results = []
-    results.append(run("warm-up", "memory"))  # compiles the step for every batch shape of the epoch
+    results.append(run("warm-up"))  # compiles the step for every batch shape of the epoch
     for _ in range(args.rounds):
-        results.append(run("in memory", "memory"))
-        results.append(run("from files", "files"))
+        results += [run("in memory")] + [run(v) for v in variants]
     memory = statistics.median(r["it_per_s"] for r in results if r["name"] == "in memory")
-    files = [r for r in results if r["name"] == "from files"]
+    files = [r for r in results if r["name"] == "files"]
     files_rate = statistics.median(r["it_per_s"] for r in files)
+    others = {v: statistics.median(r["it_per_s"] for r in results if r["name"] == v) / memory for v in variants}
     return {
         "encoder": "frozen" if freeze else "trained",
         "clips": len(examples),
@@ -114,6 +129,7 @@ def measure(args, freeze: bool, workdir: Path) -> dict:
         "files_it_per_s": files_rate,
         "first_files_round_it_per_s": files[0]["it_per_s"],
         "ratio": files_rate / memory,
+        "variant_ratios": others,
         "rounds": results,
     }
 
@@ -131,7 +147,7 @@ def main() -> None:
     p.add_argument("--out-dir", help="where data_throughput.json/.md go (default: $OUT when set)")
     args = p.parse_args()
     device = str(mx.default_device())
-    rows, results = [], []
+    rows, variant_rows, results = [], [], []
     with tempfile.TemporaryDirectory(prefix="throughput-") as workdir:
         for freeze in {"trained": [False], "frozen": [True], "both": [False, True]}[args.encoder]:
             r = measure(args, freeze, Path(workdir))
@@ -140,9 +156,10 @@ def main() -> None:
                 [
                     r["encoder"], r["clips"], fmt(r["memory_it_per_s"], ".2f"), fmt(r["files_it_per_s"], ".2f"),
                     f"{r['ratio']:.2f}", fmt(r["first_files_round_it_per_s"], ".2f"),
-                    sum(x["data_late"] for x in r["rounds"] if x["name"] == "from files"),
+                    sum(x["data_late"] for x in r["rounds"] if x["name"] == "files"),
                 ]
             )  # fmt: skip
+            variant_rows += [[r["encoder"], name, f"{ratio:.2f}"] for name, ratio in r["variant_ratios"].items()]
             print(f"{r['encoder']} encoder: {r['rounds']}", flush=True)
     headers = [
         "encoder", "clips", "in memory it/s", "from files it/s", "files / memory", "first files round it/s",
@@ -153,6 +170,9 @@ def main() -> None:
         f"{args.rounds} rounds of {args.rounds_steps} steps, {device}"
     )
     table = f"{title}\n\n" + markdown_table(headers, rows)
+    table += "\n\nOther loaders, steps/s against in memory:\n\n" + markdown_table(
+        ["encoder", "loader", "its / memory"], variant_rows
+    )
     print(table)
     write_results(out_dir(args.out_dir), "data_throughput", {"title": title, "results": results}, table)
 

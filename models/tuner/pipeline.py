@@ -130,13 +130,27 @@ class _Fetched:
     dropped: Optional[DroppedExample] = None
 
 
+@dataclass
+class _Collated:
+    """A batch's host side, made by the collating thread: the arrays the device needs, one copy each.
+
+    `parts` maps a kind ("samples", "mel", "encoded") to (row indices, array); dropped rows are in none.
+    """
+
+    rows: list
+    parts: dict
+    lengths: List[int]  # of the "samples" rows
+    keys: List[Optional[str]]
+
+
 class FeatureLoader:
     """Model inputs of batches of (possibly lazy) Features, loaded `prefetch` batches ahead.
 
-    `num_workers` threads read the audio (0: in the calling thread). `cache_dir` keeps the
-    log-mel features on disk; `encoder` (a model whose encoder is frozen) turns them into encoder
-    outputs, kept in `encoder_cache_dir`. `report` counts the examples dropped on decoding
-    (default: a report of its own).
+    `num_workers` threads read the audio (0: in the calling thread) and one more thread collates
+    each batch's host arrays (padding, stacking, the copy into MLX), so that the training thread
+    only queues device work. `cache_dir` keeps the log-mel features on disk; `encoder` (a model
+    whose encoder is frozen) turns them into encoder outputs, kept in `encoder_cache_dir`.
+    `report` counts the examples dropped on decoding (default: a report of its own).
     Counters: `waited` (seconds the consumer waited for data), `late` (batches it waited for).
     """
 
@@ -165,12 +179,17 @@ class FeatureLoader:
         self.verbose = verbose
         self.dropped: set = set()
         self.waited, self.late = 0.0, 0
-        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="audio") if num_workers > 0 else None
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="cache") if num_workers > 0 else None
+        self._unstored: list = []  # (cache, key, device row) computed for the batch before, written at the next
+        threaded = num_workers > 0
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="audio") if threaded else None
+        self._collator = ThreadPoolExecutor(1, thread_name_prefix="collate") if threaded else None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="cache") if threaded else None
 
     def close(self) -> None:
         """Stop reading ahead; cache entries still being written are finished."""
+        self._flush_stores()
         if self._pool is not None:
+            self._collator.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._writer.shutdown(wait=True)
 
@@ -186,11 +205,14 @@ class FeatureLoader:
         batches.collate pads their labels."""
         if self._pool is None:
             for rows, masked in plans:
-                yield self._finish(rows, [self._fetch(r) for r in rows], masked)
+                loaded = self._features(self._collate(rows, [self._fetch(r) for r in rows]))
+                self._flush_stores()
+                yield loaded + (masked,)
             return
         pending, first = deque(), True
         for rows, masked in plans:
-            pending.append((rows, [self._pool.submit(self._fetch, r) for r in rows], masked))
+            futures = [self._pool.submit(self._fetch, r) for r in rows]
+            pending.append((self._collator.submit(self._collate, rows, futures), masked))
             if len(pending) > self.prefetch:
                 yield self._finish_waiting(*pending.popleft(), first)
                 first = False
@@ -201,22 +223,20 @@ class FeatureLoader:
     def load(self, rows: Sequence) -> Tuple[List, mx.array]:
         """(rows, features) of a few rows at once: (B, N_FRAMES, n_mels), or encoder outputs."""
         fetched = [self._fetch(r) for r in rows] if self._pool is None else list(self._pool.map(self._fetch, rows))
-        return self._features(rows, fetched)
+        loaded = self._features(self._collate(rows, fetched))
+        self._flush_stores()
+        return loaded
 
-    def _finish_waiting(self, rows, futures, masked, first: bool):
-        """The batch of `futures`, once read; waiting for it is counted unless it is the first (nothing
+    def _finish_waiting(self, collating, masked, first: bool):
+        """The batch being collated, once ready; waiting for it is counted unless it is the first (nothing
         could be read ahead of that one)."""
-        ready = all(f.done() for f in futures)
+        ready = collating.done()
         tic = time.perf_counter()
-        fetched = [f.result() for f in futures]
+        collated = collating.result()
         if not (ready or first):
             self.late += 1
             self.waited += time.perf_counter() - tic
-        return self._finish(rows, fetched, masked)
-
-    def _finish(self, rows, fetched, masked):
-        rows, features = self._features(rows, fetched)
-        return rows, features, masked
+        return self._features(collated) + (masked,)
 
     # -- the workers' side
 
@@ -227,11 +247,11 @@ class FeatureLoader:
             key = row.audio.key() if self.mel_cache is not None or self.encoder_cache is not None else None
             if self.encoder_cache is not None:
                 encoded = self.encoder_cache.get(key)
-                if encoded is not None:  # copied here, in the worker: the step's thread only stacks rows
-                    return _Fetched(encoded=np.array(encoded), key=key)
+                if encoded is not None:
+                    return _Fetched(encoded=encoded, key=key)
             mel = None if self.mel_cache is None else self.mel_cache.get(key)
             if mel is not None:
-                return _Fetched(mel=np.array(mel), key=key)
+                return _Fetched(mel=mel, key=key)
             samples = row.audio.read()
             if len(samples) > N_SAMPLES:
                 raise DroppedExample("audio longer than 30 s", f"{len(samples) / SAMPLE_RATE:.1f} s")
@@ -239,60 +259,68 @@ class FeatureLoader:
         except DroppedExample as dropped:
             return _Fetched(dropped=dropped)
 
+    def _collate(self, rows, fetched) -> _Collated:
+        """The host arrays of a batch (`fetched` may be futures): clips padded into one array, cached rows
+        stacked, each copied into MLX once. No device work is queued here."""
+        fetched = [f.result() if hasattr(f, "result") else f for f in fetched]
+        rows = [self._drop(row, f.dropped) if f.dropped is not None else row for row, f in zip(rows, fetched)]
+        parts, lengths = {}, []
+        clips = [i for i, f in enumerate(fetched) if f.samples is not None]
+        if clips:
+            lengths = [len(fetched[i].samples) for i in clips]
+            padded = np.zeros((len(clips), max(max(lengths), 1)), np.float32)
+            for row, i in enumerate(clips):
+                padded[row, : lengths[row]] = fetched[i].samples
+            parts["samples"] = (clips, mx.array(padded))
+        for kind in ("mel", "encoded"):
+            found = [i for i, f in enumerate(fetched) if getattr(f, kind) is not None]
+            if found:
+                arrays = [getattr(fetched[i], kind) for i in found]
+                host = all(isinstance(a, np.ndarray) for a in arrays)  # else rows given as MLX arrays
+                parts[kind] = (found, mx.array(np.stack(arrays)) if host else arrays)
+        return _Collated(rows, parts, lengths, [f.key for f in fetched])
+
     # -- the device's side
 
-    def _features(self, rows, fetched) -> Tuple[List, mx.array]:
-        """Rows and their features, started on the device at once (queued behind the step before, while the
-        caller reads ahead: trainer._Upcoming)."""
-        rows, features = self._features_now(rows, fetched)
-        mx.async_eval(features)
-        return rows, features
-
-    def _features_now(self, rows, fetched) -> Tuple[List, mx.array]:
-        rows = [self._drop(row, f.dropped) if f.dropped is not None else row for row, f in zip(rows, fetched)]
-        computed = [i for i, f in enumerate(fetched) if f.samples is not None]
-        mels = {i: f.mel for i, f in enumerate(fetched) if f.mel is not None}
-        if computed:
-            new = self._log_mel([fetched[i].samples for i in computed])
-            for j, i in enumerate(computed):
-                mels[i] = new[j]
-                if self.mel_cache is not None:
-                    self._store(self.mel_cache, fetched[i].key, new[j])
+    def _features(self, collated: _Collated) -> Tuple[List, mx.array]:
+        """Rows and their features (B, ...) float32, queued on the device at once (behind the step before,
+        while the caller reads ahead: trainer._Upcoming)."""
+        self._flush_stores()
+        parts = {k: (i, a if isinstance(a, mx.array) else mx.stack(a)) for k, (i, a) in collated.parts.items()}
+        if "samples" in parts:
+            clips, samples = parts.pop("samples")
+            # float16, as the cache keeps them: the same numbers whether or not a cache is used
+            mel = clip_features_batch(samples, collated.lengths, self.n_mels).astype(mx.float16)
+            self._queue_stores(self.mel_cache, [collated.keys[i] for i in clips], mel)
+            parts["mel"] = _joined(parts.get("mel"), (clips, mel))
         if self.encoder is None:
-            shape = (N_FRAMES, self.n_mels) if not mels else tuple(next(iter(mels.values())).shape)
-            return rows, _stacked([mels.get(i) for i in range(len(rows))], shape)
-        return rows, self._encoded(fetched, mels)
-
-    def _log_mel(self, clips: List[np.ndarray]) -> mx.array:
-        lengths = [len(c) for c in clips]
-        padded = np.zeros((len(clips), max(max(lengths), 1)), np.float32)
-        for row, clip in enumerate(clips):
-            padded[row, : len(clip)] = clip
-        # float16, as the cache keeps them: the same numbers whether or not a cache is used
-        return clip_features_batch(mx.array(padded), lengths, self.n_mels).astype(mx.float16)
-
-    def _encoded(self, fetched, mels) -> mx.array:
-        dims = self.encoder.dims
-        out = {i: f.encoded for i, f in enumerate(fetched) if f.encoded is not None}
-        todo = [i for i in mels if i not in out]
-        if todo:
-            mel = mx.stack([_device(mels[i], None) for i in todo]).astype(self.encoder.dtype)
-            encoded = self.encoder.embed_audio(mel).astype(mx.float16)
-            for j, i in enumerate(todo):
-                out[i] = encoded[j]
-                if self.encoder_cache is not None:
-                    self._store(self.encoder_cache, fetched[i].key, encoded[j])
-        shape = (dims.n_audio_ctx, dims.n_audio_state)
-        return _stacked([out.get(i) for i in range(len(fetched))], shape)
-
-    def _store(self, cache: ArrayCache, key: Optional[str], array: mx.array) -> None:
-        if key is None:
-            return
-        host = np.array(array)  # a copy: the write may happen after the array is gone
-        if self._writer is None:
-            cache.put(key, host)
+            shape = (N_FRAMES, self.n_mels)
         else:
-            self._writer.submit(cache.put, key, host)
+            dims = self.encoder.dims
+            shape = (dims.n_audio_ctx, dims.n_audio_state)
+            if "mel" in parts:
+                found, mel = parts.pop("mel")
+                encoded = self.encoder.embed_audio(mel.astype(self.encoder.dtype)).astype(mx.float16)
+                self._queue_stores(self.encoder_cache, [collated.keys[i] for i in found], encoded)
+                parts["encoded"] = _joined(parts.get("encoded"), (found, encoded))
+        features = _in_row_order(parts.get("mel" if self.encoder is None else "encoded"), len(collated.rows), shape)
+        mx.async_eval(features)
+        return collated.rows, features
+
+    def _queue_stores(self, cache: Optional[ArrayCache], keys: list, computed: mx.array) -> None:
+        if cache is not None:
+            self._unstored += [(cache, key, computed[j]) for j, key in enumerate(keys) if key is not None]
+
+    def _flush_stores(self) -> None:
+        """Write the computed rows. Reading ahead, the rows of the batch before are written when the next is
+        loaded: they are on the device by then, so the training thread does not wait for the step."""
+        for cache, key, row in self._unstored:
+            host = np.array(row)
+            if self._writer is None:
+                cache.put(key, host)
+            else:
+                self._writer.submit(cache.put, key, host)
+        self._unstored = []
 
     def _drop(self, row, dropped: DroppedExample):
         """A row whose audio failed to decode: counted once, then trained on as a fully masked row."""
@@ -306,18 +334,25 @@ class FeatureLoader:
         return replace(row, labels=row.labels, dropped=True)
 
 
-def _stacked(arrays: list, shape) -> mx.array:
-    """(B, *shape) float32 on the device; rows read from the cache (host arrays) go over in one copy."""
-    if all(isinstance(a, np.ndarray) for a in arrays):
-        return mx.array(np.stack(arrays)).astype(mx.float32)
-    return mx.stack([_device(a, shape) for a in arrays])
+def _joined(first: Optional[tuple], second: tuple) -> tuple:
+    """Two (row indices, rows) parts as one."""
+    if first is None:
+        return second
+    return first[0] + second[0], mx.concatenate([first[1], second[1]])
 
 
-def _device(array, shape) -> mx.array:
-    """A row's features as float32 on the device; zeros for a dropped row."""
-    if array is None:
-        return mx.zeros(shape, mx.float32)
-    return (array if isinstance(array, mx.array) else mx.array(np.asarray(array))).astype(mx.float32)
+def _in_row_order(part: Optional[tuple], n_rows: int, shape) -> mx.array:
+    """(n_rows, *shape) float32: the part's rows at their indices, zeros for the rows it lacks (dropped)."""
+    found, rows = part if part is not None else ([], mx.zeros((0, *shape), mx.float16))
+    if found != list(range(n_rows)):
+        missing = n_rows - len(found)
+        if missing:
+            rows = mx.concatenate([rows, mx.zeros((missing, *rows.shape[1:]), rows.dtype)])
+        present = set(found)
+        order = np.empty(n_rows, np.int32)
+        order[found + [i for i in range(n_rows) if i not in present]] = np.arange(n_rows)
+        rows = mx.take(rows, mx.array(order), axis=0)
+    return rows.astype(mx.float32)
 
 
 def encoder_fingerprint(model) -> str:
