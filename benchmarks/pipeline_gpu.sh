@@ -1,5 +1,5 @@
 #!/bin/bash
-# The training-data issue on the GPU machine: benchmarks/data_throughput.py (whisper-base, batch 32,
+# The training-data issue on the GPU machine: benchmarks/batch_costs.py, benchmarks/data_throughput.py (whisper-base, batch 32,
 # audio decoded from files against batches held in memory, encoder trained and frozen), then README's
 # Telugu command (benchmarks/finetune_gpu.sh, tag te_skills) whose metrics.jsonl gives the 10-step
 # windows. Results (logs, JSON, tables) go to $OUT.
@@ -7,6 +7,9 @@
 set -uo pipefail
 model=$1; data=$2
 out=${OUT:-/tmp/out}; mkdir -p "$out"
+python3 benchmarks/batch_costs.py --audio "$data/te/train" --out-dir "$out" > "$out/batch_costs.log" 2>&1 \
+    || tail -30 "$out/batch_costs.log"
+cat "$out/batch_costs.md"
 python3 benchmarks/data_throughput.py --model "$model" --data "$data/te" "$data/yo" "$data/sw" --batch-size 32 \
     --steps 100 --out-dir "$out" > "$out/data_throughput.log" 2>&1 || tail -30 "$out/data_throughput.log"
 cat "$out/data_throughput.md"

@@ -145,6 +145,29 @@ def test_feature_cache_is_reused_and_gives_the_computed_features(tokenizer, tmp_
     assert other.mel_cache.folder != again.mel_cache.folder
 
 
+def test_a_batch_of_cached_computed_and_dropped_rows_keeps_its_row_order(tokenizer, tmp_path):
+    """Rows read from the cache, rows computed from audio and a row that fails to decode, interleaved:
+    each row's features stay at its place (the collating thread groups them by kind)."""
+    scanned = list(scan_examples(examples_of(TE_VALIDATION)[:6], tokenizer, None, DropReport(), verbose=False))
+    _, expected = FeatureLoader(80).load(scanned)
+    broken = tmp_path / "broken.mp3"
+    broken.write_bytes(b"\xff\xfb" + bytes(range(256)) * 40)
+    rows = list(scanned)
+    rows[2] = replace(rows[2], audio=ClipAudio(str(broken)))
+    for workers in (0, 2):
+        warm = FeatureLoader(80, cache_dir=tmp_path / str(workers))
+        warm.load(scanned[1::2])  # rows 1, 3, 5 cached
+        warm.close()
+        loader = FeatureLoader(80, num_workers=workers, cache_dir=tmp_path / str(workers), verbose=False)
+        [(got_rows, got, _)] = list(loader.batches([(rows, False)]))
+        loader.close()
+        assert [r.source for r in got_rows] == [r.source for r in rows]
+        assert loader.mel_cache.hits == 3 and got_rows[2].dropped
+        for i in (0, 1, 3, 4, 5):
+            assert np.array_equal(np.array(got[i]), np.array(expected[i])), i
+        assert not np.array(got[2]).any()
+
+
 def test_encoder_outputs_come_from_the_frozen_encoder_and_its_disk_cache(tokenizer, tmp_path):
     model = tiny_whisper()
     scanned = list(scan_examples(examples_of(TE_VALIDATION)[:4], tokenizer, None, DropReport(), verbose=False))
