@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common import fmt, markdown_table, out_dir, write_results
+from common import fmt, markdown_table, out_dir, time_calls, write_results
 from models.features import clip_features_batch
 from models.whisper import ModelDimensions, Whisper
 
@@ -35,14 +35,7 @@ BASE = ModelDimensions(80, 1500, 512, 8, 6, 51865, 448, 512, 8, 6)
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(time_calls(fn, warmup, reps))
 
 
 def transfer_row(name: str, hosts: list, reps: int, pool: ThreadPoolExecutor) -> list:
