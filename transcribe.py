@@ -5,6 +5,8 @@
 
 Each input file gets its own set of output files, named after it. A file that cannot be
 transcribed is reported and skipped; the exit status is non-zero if any file failed.
+--batch-size N decodes the windows of N files together (the same greedy text; meant for a GPU);
+--chunked cuts files into independent 30 s windows so that one long file fills a batch.
 """
 
 import argparse
@@ -93,7 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", default=".", help="where to write the output files")
     p.add_argument("--verbose", action="store_true", help="print each segment as it is decoded")
+    add_batch_flags(p)
     return p
+
+
+def add_batch_flags(p: argparse.ArgumentParser) -> None:
+    """--batch-size and --chunked: many windows per model call."""
+    p.add_argument(
+        "--batch-size",
+        type=number(int, 1),
+        default=1,
+        help="decode the 30 s windows of this many files together, one encoder and one decoder call per "
+        "round (for a GPU). Each file keeps its own seek, prompt and temperature fallback: greedy decoding "
+        "gives the text of --batch-size 1, up to float rounding of the batched model calls. Default 1: one "
+        "file after the other",
+    )
+    p.add_argument(
+        "--chunked",
+        action="store_true",
+        help="cut each file into consecutive fixed 30 s windows decoded independently (no seeking by "
+        "timestamps, no previous-text conditioning; the initial prompt goes to every window), so the "
+        "windows of one long file can be decoded --batch-size at a time. It trades away the boundaries: "
+        "a word spoken across a 30 s cut may be split, garbled or lost, and each window starts without "
+        "the text before it. The default seek loop resumes each window at the last complete segment "
+        "and conditions on the previous text, which is why it stays the default",
+    )
 
 
 def options_from_args(args: argparse.Namespace):
@@ -211,6 +237,55 @@ def transcribe_files(pick, files: List[Path], options, output_dir: str, formats:
     return failures
 
 
+def transcribe_files_batched(
+    pick, files: List[Path], options, output_dir: str, formats: List[str], batch_size: int, chunked: bool
+) -> List[Tuple[str, str]]:
+    """`transcribe_files` with the windows of up to `batch_size` files decoded together (files
+    sharing one model: with per-language adapters, one batch run per adapter)."""
+    from tqdm import tqdm
+
+    from models.inference.batched import transcribe_many
+    from models.inference.writers import write_result
+
+    failures, used = [], set()
+    names = {path: _output_name(path, used) for path in files}
+    bar = tqdm(total=len(files), unit="file", disable=len(files) < 2, file=sys.stderr)
+
+    def failed(path, error) -> None:
+        failures.append((str(path), f"{type(error).__name__}: {error}"))
+        bar.write(f"error: {path}: {error}", file=sys.stderr)
+        bar.update(1)
+
+    groups = {}  # id(model) -> (model, [(file, language)]): only files of one model share a batch
+    for path in files:
+        try:
+            model, file_options = pick(path, options)
+        except Exception as error:  # any one bad file must not stop the others
+            failed(path, error)
+            continue
+        groups.setdefault(id(model), (model, []))[1].append((path, file_options.language))
+    done = 0
+    try:
+        for model, items in groups.values():
+            paths, languages = [p for p, _ in items], [language for _, language in items]
+            for outcome in transcribe_many(model, paths, options, batch_size, chunked, languages):
+                path = paths[outcome.index]
+                if outcome.error is not None:
+                    failed(path, outcome.error)
+                    continue
+                try:
+                    bar.write(outcome.result["text"] if len(files) == 1 else f"{path}: {outcome.result['text']}")
+                    write_result(outcome.result, output_dir, names[path], formats)
+                    done += 1
+                    bar.update(1)
+                except Exception as error:  # an output that cannot be written: the next file still is
+                    failed(path, error)
+    except KeyboardInterrupt:
+        bar.write(f"Stopped: {done} of {len(files)} file(s) done", file=sys.stderr)
+        raise
+    return failures
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     utils.start_cli()
     parser = build_parser()
@@ -237,7 +312,12 @@ def run(args, options) -> int:
         except (ValueError, OSError) as error:
             print(f"error: could not load the model: {error}", file=sys.stderr)
             return 2
-        failed = transcribe_files(pick, files, options, args.output_dir, args.output_format)
+        if args.batch_size == 1 and not args.chunked:
+            failed = transcribe_files(pick, files, options, args.output_dir, args.output_format)
+        else:
+            failed = transcribe_files_batched(
+                pick, files, options, args.output_dir, args.output_format, args.batch_size, args.chunked
+            )
     if missing or failed:
         print(
             f"\nTranscribed {len(files) - len(failed)} of {len(files)} file(s); "

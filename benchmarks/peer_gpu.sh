@@ -8,8 +8,8 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 flags=(--lora-targets attn.query,attn.key,attn.value,attn.out,cross_attn.query,cross_attn.value,mlp1,mlp2
        --lora-rank 16 --lora-alpha 32 --learning-rate 2e-4 --warmup 20 --iters 300 --batch-size 16)
 if [ "$part" = ours ]; then
-  for lang in te yo; do
-    TESTS=best bash benchmarks/finetune_gpu.sh "$model" "$data" $lang ${lang}_all "${flags[@]}" --steps-per-eval 100
+  for lang in te yo; do  # scored at step 0 and after the last step, as the peer scores base and result
+    TESTS=best bash benchmarks/finetune_gpu.sh "$model" "$data" $lang ${lang}_all "${flags[@]}" --steps-per-eval 300
   done
   routes="te=$HOME/runs/te_all/best,yo=$HOME/runs/yo_all/best"
   for set in en-read te/validation yo/validation; do

@@ -145,16 +145,21 @@ class TextDecoder(nn.Module):
         self._mask = nn.MultiHeadAttention.create_additive_causal_mask(n_ctx).astype(dtype)
         self._embedding_t = kernels.TransposedCopy()
 
-    def __call__(self, tokens, xa, kv_cache=None, return_qk: bool = False):
-        """tokens (batch, n_new) -> logits (batch, n_new, n_vocab), new kv_cache, cross-attention qk."""
+    def __call__(self, tokens, xa, kv_cache=None, return_qk: bool = False, positions=None, mask=None):
+        """tokens (batch, n_new) -> logits (batch, n_new, n_vocab), new kv_cache, cross-attention qk.
+
+        Rows of one batch may sit at different positions (prompts of different lengths): then
+        `positions` (batch, n_new) gives each token's position and `mask` which cached keys each
+        row may attend to (see decoding.RaggedPrompts); by default every row continues the cache.
+        """
         offset = 0 if kv_cache is None else kv_cache[0][0][0].shape[1]
         n_new = tokens.shape[-1]
-        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + n_new]
-        mask = None
-        if n_new > 1 and offset == 0:
-            mask = "causal"  # the fused kernel builds the mask itself
-        elif n_new > 1:
-            mask = self._mask[offset : offset + n_new, : offset + n_new].astype(x.dtype)
+        if positions is None:
+            x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + n_new]
+        else:
+            x = self.token_embedding(tokens) + self.positional_embedding[positions]
+        if mask is None and n_new > 1:  # "causal": the fused kernel builds the mask itself
+            mask = "causal" if offset == 0 else self._mask[offset : offset + n_new, : offset + n_new].astype(x.dtype)
         if kv_cache is None:
             kv_cache = [None] * len(self.blocks)
         new_cache, cross_qk = [], []

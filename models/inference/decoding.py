@@ -1,4 +1,4 @@
-"""Decoding one 30 s window: language detection, greedy/sampling and beam search, logit rules."""
+"""Decoding 30 s windows: language detection, greedy/sampling and beam search (rules.py: the logit rules)."""
 
 import zlib
 from dataclasses import dataclass, field, replace
@@ -7,9 +7,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from ..audio import TIME_PRECISION
 from ..tokenizer import Tokenizer, tokenizer_for
 from ..whisper import Whisper
+from .rules import LogitRules, log_softmax
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,6 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    peak = np.max(x, axis=axis, keepdims=True)
-    peak = np.where(np.isfinite(peak), peak, 0.0)
-    with np.errstate(divide="ignore"):  # all -inf (every token suppressed) gives -inf, as it should
-        return (np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True)) + peak).squeeze(axis)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    return logits - _logsumexp(logits)[..., None]
-
-
 def _as_features(model: Whisper, mel_or_features: mx.array) -> mx.array:
     x = mel_or_features if mel_or_features.ndim == 3 else mel_or_features[None]
     if x.shape[-1] == model.dims.n_audio_state and x.shape[1] == model.dims.n_audio_ctx:
@@ -83,54 +72,36 @@ def detect_language(
     return best, [dict(zip(codes, row.tolist())) for row in probs]
 
 
-class LogitRules:
-    """Suppression and timestamp rules applied to each step's float32 logits (numpy, in place)."""
-
-    def __init__(self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int):
-        self.tokenizer = tokenizer
-        self.sample_begin = sample_begin
-        self.suppress_blank = options.suppress_blank
-        self.suppress = np.array(tokenizer.suppressed_tokens(options.suppress_tokens), dtype=np.int64)
-        self.timestamps = not options.without_timestamps
-        self.max_initial = None
-        if self.timestamps and options.max_initial_timestamp is not None:
-            self.max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
-
-    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
-        """logits: (n, n_vocab) float32; tokens: (n, length) so far, prompt included."""
-        if self.suppress_blank and tokens.shape[1] == self.sample_begin:
-            logits[:, self.tokenizer.encode(" ") + [self.tokenizer.eot]] = -np.inf
-        logits[:, self.suppress] = -np.inf
-        if self.timestamps:
-            for row in range(logits.shape[0]):
-                self._timestamp_rules(logits[row], tokens[row, self.sample_begin :])
-
-    def _timestamp_rules(self, logits: np.ndarray, sampled: np.ndarray) -> None:
-        begin, eot = self.tokenizer.timestamp_begin, self.tokenizer.eot
-        logits[self.tokenizer.no_timestamps] = -np.inf
-        last_ts = len(sampled) >= 1 and sampled[-1] >= begin
-        penultimate_ts = len(sampled) < 2 or sampled[-2] >= begin
-        if last_ts:  # timestamps come in pairs, except directly before end of text
-            if penultimate_ts:
-                logits[begin:] = -np.inf
-            else:
-                logits[:eot] = -np.inf
-        stamps = sampled[sampled >= begin]
-        if len(stamps) > 0:  # timestamps never go back; a closing one may repeat the opening one
-            floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
-            logits[begin:floor] = -np.inf
-        if len(sampled) == 0:
-            logits[:begin] = -np.inf  # the text starts with a timestamp
-            if self.max_initial is not None:
-                logits[begin + self.max_initial + 1 :] = -np.inf
-        logprobs = log_softmax(logits)
-        if _logsumexp(logprobs[begin:]) > logprobs[:begin].max():
-            logits[:begin] = -np.inf  # a timestamp is likelier than any text token
-
-
 def _rearrange_cache(kv_cache, index: mx.array):
     """Reorder the self-attention keys/values along the batch; cross-attention ones stay."""
     return [((k[index], v[index]), cross) for (k, v), cross in kv_cache]
+
+
+class RaggedPrompts:
+    """The initial tokens of a batch's rows, right-padded to the longest.
+
+    A row shorter than the longest continues from its own length: each sampled token gets the
+    position it would have alone, and the padding slots of the cache are masked out, so rows
+    with prompts of different lengths decode as they would one by one.
+    """
+
+    def __init__(self, rows: List[List[int]], pad: int, sot: int, n_group: int):
+        lengths = np.array([len(row) for row in rows])
+        self.width = int(lengths.max())
+        padded = np.array([row + [pad] * (self.width - len(row)) for row in rows], dtype=np.int64)
+        self.tokens = np.repeat(padded, n_group, axis=0)  # (rows * n_group, width)
+        self.lengths = np.repeat(lengths, n_group)
+        self.sot_index = np.repeat([row.index(sot) for row in rows], n_group)
+        self.uniform = bool((lengths == self.width).all())
+
+    def step(self, n_sampled: int, n_ctx: int):
+        """(positions, mask) for feeding sampled token number `n_sampled`; (None, None) when uniform."""
+        if self.uniform:
+            return None, None
+        positions = np.minimum(self.lengths + n_sampled - 1, n_ctx - 1)  # rows past n_ctx are done anyway
+        slots = np.arange(self.width + n_sampled)[None]
+        keep = (slots < self.lengths[:, None]) | (slots >= self.width)  # (rows, cached keys + 1)
+        return mx.array(positions[:, None], dtype=mx.int32), mx.array(keep[:, None, None, :])
 
 
 class DecodingTask:
@@ -144,10 +115,8 @@ class DecodingTask:
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = options.sample_len or self.n_ctx // 2
         self.n_group = options.beam_size or options.best_of or 1
-        self.initial_tokens = self._initial_tokens()
-        self.sample_begin = len(self.initial_tokens)
-        self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
-        self.rules = LogitRules(self.tokenizer, self.options, self.sample_begin)
+        self.initial_tokens = self._initial_tokens(options.prompt, language)
+        self.rules = LogitRules(self.tokenizer, self.options)
 
     @staticmethod
     def _checked(options: DecodingOptions) -> DecodingOptions:
@@ -161,35 +130,44 @@ class DecodingTask:
             raise ValueError("length_penalty must be between 0 and 1")
         return options
 
-    def _initial_tokens(self) -> List[int]:
+    def _initial_tokens(self, prompt: Optional[Union[str, List[int]]], language: str) -> List[int]:
         tokenizer, options = self.tokenizer, self.options
         tokens = list(tokenizer.sot_sequence)
+        if self.model.is_multilingual:
+            tokens[1] = tokenizer.to_language_token(language)  # sot, language, task
         if options.without_timestamps:
             tokens.append(tokenizer.no_timestamps)
         if options.prefix is not None:
             prefix = options.prefix
             prefix = tokenizer.encode(" " + prefix.strip()) if isinstance(prefix, str) else list(prefix)
             tokens += prefix[-(self.n_ctx // 2 - self.sample_len) :] if self.sample_len < self.n_ctx // 2 else prefix
-        if options.prompt is not None:
-            prompt = options.prompt
+        if prompt is not None:
             prompt = tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
             tokens = [tokenizer.sot_prev] + prompt[-(self.n_ctx // 2 - 1) :] + tokens
         return tokens
 
-    def run(self, mel: mx.array) -> List[DecodingResult]:
+    def run(
+        self,
+        mel: mx.array,
+        prompts: Optional[Sequence[Optional[List[int]]]] = None,
+        languages: Optional[Sequence[str]] = None,
+    ) -> List[DecodingResult]:
+        """Decode a batch of windows (mel or encoder output); `prompts` and `languages`, one per
+        window, replace the options' prompt and language (no detection then)."""
         features = _as_features(self.model, mel)  # (batch, n_audio_ctx, n_audio_state)
         n_audio = features.shape[0]
-        languages, language_probs = self._languages(features, n_audio)
-        tokens = np.array([self.initial_tokens] * n_audio, dtype=np.int64)
-        for i, code in enumerate(languages):
-            if self.options.language is None and self.model.is_multilingual:
-                tokens[i, self.sot_index + 1] = self.tokenizer.to_language_token(code)
-        features = mx.repeat(features, self.n_group, axis=0) if self.n_group > 1 else features
-        tokens = np.repeat(tokens, self.n_group, axis=0)
-        if self.options.beam_size is not None:
-            sequences, sum_logprobs, no_speech = self._beam_search(tokens, features, n_audio)
+        if languages is None:
+            languages, language_probs = self._languages(features, n_audio)
         else:
-            sequences, sum_logprobs, no_speech = self._sample(tokens, features, n_audio)
+            languages, language_probs = list(languages), [None] * n_audio
+        prompts = [self.options.prompt] * n_audio if prompts is None else prompts
+        rows = [self._initial_tokens(prompt, language) for prompt, language in zip(prompts, languages)]
+        batch = RaggedPrompts(rows, self.tokenizer.eot, self.tokenizer.sot, self.n_group)
+        features = mx.repeat(features, self.n_group, axis=0) if self.n_group > 1 else features
+        if self.options.beam_size is not None:
+            sequences, sum_logprobs, no_speech = self._beam_search(batch, features, n_audio)
+        else:
+            sequences, sum_logprobs, no_speech = self._sample(batch, features)
         return self._results(sequences, sum_logprobs, no_speech, languages, language_probs)
 
     def _languages(self, features: mx.array, n_audio: int):
@@ -197,100 +175,117 @@ class DecodingTask:
             return [self.options.language or "en"] * n_audio, [None] * n_audio
         return detect_language(self.model, features, self.tokenizer)
 
-    def _step(self, tokens: mx.array, features: mx.array, kv_cache):
-        logits, kv_cache, _ = self.model.decoder(tokens, features, kv_cache)
+    def _step(self, tokens: mx.array, features: mx.array, kv_cache, positions=None, mask=None):
+        logits, kv_cache, _ = self.model.decoder(tokens, features, kv_cache, positions=positions, mask=mask)
         return logits.astype(mx.float32), kv_cache
 
-    def _first_step(self, tokens: np.ndarray, features: mx.array):
-        """Run the prompt; return the last position's logits, the cache and no-speech probabilities."""
-        logits, kv_cache = self._step(mx.array(tokens, dtype=mx.int32), features, None)
-        probs_at_sot = mx.softmax(logits[:, self.sot_index], axis=-1)[:, self.tokenizer.no_speech]
-        return np.array(logits[:, -1]), kv_cache, np.array(probs_at_sot)[:: self.n_group]
+    def _first_step(self, batch: RaggedPrompts, features: mx.array):
+        """Run the prompts; return each row's last logits, the cache and no-speech probabilities."""
+        logits, kv_cache = self._step(mx.array(batch.tokens, dtype=mx.int32), features, None)
+        rows = mx.arange(logits.shape[0])
+        at_sot = logits[rows, mx.array(batch.sot_index)]
+        probs_at_sot = mx.softmax(at_sot, axis=-1)[:, self.tokenizer.no_speech]
+        last = logits[rows, mx.array(batch.lengths - 1)]
+        return np.array(last), kv_cache, np.array(probs_at_sot)[:: self.n_group]
 
-    def _filtered_logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        self.rules.apply(logits, tokens)
+    def _filtered_logprobs(self, logits: np.ndarray, sampled: np.ndarray) -> np.ndarray:
+        self.rules.apply(logits, sampled)
         return log_softmax(logits)
 
-    def _next_logits(self, next_tokens: np.ndarray, features: mx.array, kv_cache):
-        logits, kv_cache = self._step(mx.array(next_tokens[:, None], dtype=mx.int32), features, kv_cache)
+    def _next_logits(self, sampled: np.ndarray, features: mx.array, kv_cache, batch: RaggedPrompts):
+        """Feed the last sampled token of every row."""
+        positions, mask = batch.step(sampled.shape[1], self.n_ctx)
+        next_tokens = mx.array(sampled[:, -1:], dtype=mx.int32)
+        logits, kv_cache = self._step(next_tokens, features, kv_cache, positions, mask)
         return np.array(logits[:, -1]), kv_cache
 
-    def _sample(self, tokens: np.ndarray, features: mx.array, n_audio: int):
-        """Greedy (temperature 0) or sampled decoding of every sequence until end of text."""
+    def _sample(self, batch: RaggedPrompts, features: mx.array):
+        """Greedy (temperature 0) or sampled decoding of every row until end of text (or no room)."""
         eot, temperature = self.tokenizer.eot, self.options.temperature
-        logits, kv_cache, no_speech = self._first_step(tokens, features)
-        sum_logprobs = np.zeros(tokens.shape[0])
+        logits, kv_cache, no_speech = self._first_step(batch, features)
+        n_rows = len(batch.lengths)
+        sampled = np.zeros((n_rows, 0), dtype=np.int64)
+        sum_logprobs, done = np.zeros(n_rows), np.zeros(n_rows, dtype=bool)
         for _ in range(self.sample_len):
-            finished = tokens[:, -1] == eot
-            logprobs = self._filtered_logprobs(logits, tokens)
+            logprobs = self._filtered_logprobs(logits, sampled)
             if temperature == 0:
                 next_tokens = logits.argmax(axis=-1)
             else:
                 next_tokens = np.array(mx.random.categorical(mx.array(logits / temperature)))
-            rows = np.arange(len(next_tokens))
-            sum_logprobs += np.where(finished, 0.0, logprobs[rows, next_tokens])
-            next_tokens = np.where(finished, eot, next_tokens)
-            tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
-            if (next_tokens == eot).all() or tokens.shape[1] > self.n_ctx:
+            sum_logprobs += np.where(done, 0.0, logprobs[np.arange(n_rows), next_tokens])
+            next_tokens = np.where(done, eot, next_tokens)
+            sampled = np.concatenate([sampled, next_tokens[:, None]], axis=1)
+            done |= (next_tokens == eot) | (batch.lengths + sampled.shape[1] > self.n_ctx)
+            if done.all():
                 break
-            logits, kv_cache = self._next_logits(next_tokens, features, kv_cache)
-        sequences = [self._trim(row) for row in tokens]
-        return sequences, sum_logprobs, no_speech
+            logits, kv_cache = self._next_logits(sampled, features, kv_cache, batch)
+        return [self._trim(row) for row in sampled], sum_logprobs, no_speech
 
     def _trim(self, row: np.ndarray) -> List[int]:
-        sampled = row[self.sample_begin :].tolist()
+        sampled = row.tolist()
         return sampled[: sampled.index(self.tokenizer.eot)] if self.tokenizer.eot in sampled else sampled
 
-    def _beam_search(self, tokens: np.ndarray, features: mx.array, n_audio: int):
+    def _beam_search(self, batch: RaggedPrompts, features: mx.array, n_audio: int):
         """Beam search: keep the `beam_size` best unfinished sequences of each window."""
-        beam, eot = self.options.beam_size, self.tokenizer.eot
+        beam = self.options.beam_size
         max_finished = round(beam * (self.options.patience or 1.0))
         finished = [dict() for _ in range(n_audio)]
-        logits, kv_cache, no_speech = self._first_step(tokens, features)
-        sum_logprobs = np.zeros(tokens.shape[0])
+        final = [None] * n_audio  # the candidates of a window that ran out of context
+        room = self.n_ctx - batch.lengths[::beam]  # how many tokens each window may sample
+        logits, kv_cache, no_speech = self._first_step(batch, features)
+        tokens, sum_logprobs = np.zeros((n_audio * beam, 0), dtype=np.int64), np.zeros(n_audio * beam)
         for step in range(self.sample_len):
             logprobs = self._filtered_logprobs(logits, tokens)
-            next_rows, next_scores, sources = [], [], []
-            for audio in range(n_audio):
-                candidates = {}
-                for source in range(audio * beam, (audio + 1) * beam):
-                    top = np.argpartition(-logprobs[source], beam + 1)[: beam + 1]
-                    prefix = tuple(tokens[source].tolist())
-                    for token in top:
-                        candidates[prefix + (int(token),)] = (sum_logprobs[source] + logprobs[source, token], source)
-                kept = 0
-                for sequence, (score, source) in sorted(candidates.items(), key=lambda kv: -kv[1][0]):
-                    if sequence[-1] == eot:
-                        if len(finished[audio]) < max_finished:
-                            finished[audio].setdefault(sequence, score)
-                    else:
-                        next_rows.append(sequence)
-                        next_scores.append(score)
-                        sources.append(source)
-                        kept += 1
-                        if kept == beam:  # endings ranked below the last kept beam don't count as finished
-                            break
-            tokens = np.array(next_rows, dtype=np.int64)
-            sum_logprobs = np.array(next_scores)
-            done = all(len(f) >= max_finished for f in finished)
-            if done or tokens.shape[1] > self.n_ctx or step == self.sample_len - 1:
+            tokens, sum_logprobs, sources = self._next_beams(logprobs, tokens, sum_logprobs, finished, max_finished)
+            for audio in np.flatnonzero(tokens.shape[1] > room):
+                if final[audio] is None:
+                    final[audio] = self._best_beams(finished[audio], tokens, sum_logprobs, audio)
+            done = all(f is not None or len(d) >= max_finished for f, d in zip(final, finished))
+            if done or step == self.sample_len - 1:
                 break
             kv_cache = _rearrange_cache(kv_cache, mx.array(sources, dtype=mx.int32))
-            logits, kv_cache = self._next_logits(tokens[:, -1], features, kv_cache)
-        return self._best_beams(finished, tokens, sum_logprobs, beam), None, no_speech
+            logits, kv_cache = self._next_logits(tokens, features, kv_cache, batch)
+        groups = [
+            f if f is not None else self._best_beams(d, tokens, sum_logprobs, audio)
+            for audio, (f, d) in enumerate(zip(final, finished))
+        ]
+        return groups, None, no_speech
 
-    def _best_beams(self, finished, tokens, sum_logprobs, beam):
-        """Each window's finished sequences, topped up with live beams when too few finished."""
-        groups = []
-        for audio, done in enumerate(finished):
-            if len(done) < beam:
-                rows = range(audio * beam, (audio + 1) * beam)
-                for row in sorted(rows, key=lambda r: -sum_logprobs[r]):
-                    done.setdefault(tuple(tokens[row].tolist()) + (self.tokenizer.eot,), sum_logprobs[row])
-                    if len(done) >= beam:
+    def _next_beams(self, logprobs, tokens, sum_logprobs, finished, max_finished):
+        """Each window's `beam_size` best continuations; endings go to `finished` (in place)."""
+        beam, eot = self.options.beam_size, self.tokenizer.eot
+        next_rows, next_scores, sources = [], [], []
+        for audio in range(len(finished)):
+            candidates = {}
+            for source in range(audio * beam, (audio + 1) * beam):
+                top = np.argpartition(-logprobs[source], beam + 1)[: beam + 1]
+                prefix = tuple(tokens[source].tolist())
+                for token in top:
+                    candidates[prefix + (int(token),)] = (sum_logprobs[source] + logprobs[source, token], source)
+            kept = 0
+            for sequence, (score, source) in sorted(candidates.items(), key=lambda kv: -kv[1][0]):
+                if sequence[-1] == eot:
+                    if len(finished[audio]) < max_finished:
+                        finished[audio].setdefault(sequence, score)
+                else:
+                    next_rows.append(sequence)
+                    next_scores.append(score)
+                    sources.append(source)
+                    kept += 1
+                    if kept == beam:  # endings ranked below the last kept beam don't count as finished
                         break
-            groups.append([(self._trim(np.array(seq)), score) for seq, score in done.items()])
-        return groups
+        return np.array(next_rows, dtype=np.int64), np.array(next_scores), sources
+
+    def _best_beams(self, finished: dict, tokens: np.ndarray, sum_logprobs: np.ndarray, audio: int):
+        """One window's finished sequences, topped up with its live beams when too few finished."""
+        beam, done = self.options.beam_size, dict(finished)
+        if len(done) < beam:
+            rows = range(audio * beam, (audio + 1) * beam)
+            for row in sorted(rows, key=lambda r: -sum_logprobs[r]):
+                done.setdefault(tuple(tokens[row].tolist()) + (self.tokenizer.eot,), sum_logprobs[row])
+                if len(done) >= beam:
+                    break
+        return [(self._trim(np.array(seq)), score) for seq, score in done.items()]
 
     def _penalised(self, logprob: float, length: int) -> float:
         penalty = self.options.length_penalty

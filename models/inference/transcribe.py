@@ -103,11 +103,16 @@ class _LoopState:
 
 
 class Transcriber:
-    """Runs the seek loop over one recording; `encode` and `decode_window` are the model calls."""
+    """Runs the seek loop over one recording; `encode` and `decode_window` are the model calls.
+
+    `run` does it all. The pieces (`open`, `start`, `skip_silence`, `prompt`, `keep`, `result`)
+    let batched.py advance many recordings in lockstep, with the decoding done for all at once.
+    """
 
     def __init__(self, model: Whisper, options: TranscribeOptions):
         self.model, self.requested, self.options = model, options, options
         self._cached = (None, None)  # (seek, features) of the window language detection encoded
+        self.label = None  # printed before each --verbose segment line when set (batched runs)
 
     def encode(self, mel_window: np.ndarray) -> mx.array:
         """(N_FRAMES, n_mels) -> (n_audio_ctx, n_audio_state) encoder output."""
@@ -120,22 +125,35 @@ class Transcriber:
         return decode_with_fallback(self.model, features, self.options, prompt)
 
     def features_at(self, windows: MelWindows, seek: int) -> mx.array:
-        if self._cached[0] == seek:
-            return self._cached[1]
-        return self.encode(windows.window(seek))
+        cached = self.cached_features(seek)
+        return cached if cached is not None else self.encode(windows.window(seek))
 
-    def language(self, windows: MelWindows) -> str:
-        """The given language, or the one detected on the first window."""
+    def cached_features(self, seek: int) -> Optional[mx.array]:
+        """The encoder output of the window at `seek` if language detection already made it."""
+        return self._cached[1] if self._cached[0] == seek else None
+
+    def given_language(self) -> Optional[str]:
+        """The language to transcribe in without detection, or None when it must be detected."""
+        if self.requested.task == "translate" and not self.model.is_multilingual:
+            raise ValueError("this model is English-only; it cannot translate")
         requested = self.requested.language
         if requested is not None:
             if not self.model.is_multilingual and requested != "en":
                 raise ValueError(f"this model is English-only; it cannot transcribe {requested!r}")
             return requested
-        if not self.model.is_multilingual:
-            return "en"
+        return None if self.model.is_multilingual else "en"
+
+    def language(self, windows: MelWindows) -> str:
+        """The given language, or the one detected on the first window."""
+        language = self.given_language()
+        if language is not None:
+            return language
         features = self.encode(windows.window(0))
+        return self.detected(detect_language(self.model, features)[0][0], features)
+
+    def detected(self, language: str, features: mx.array) -> str:
+        """Keep the first window's `features` (language detection encoded them) and say what was heard."""
         self._cached = (0, features)
-        language = detect_language(self.model, features)[0][0]
         if self.requested.verbose:
             print(f"Detected language: {LANGUAGES[language].title()}")
         return language
@@ -145,50 +163,83 @@ class Transcriber:
 
         `progress` shows a tqdm bar over the audio (on stderr).
         """
-        if self.requested.task == "translate" and not self.model.is_multilingual:
-            raise ValueError("this model is English-only; it cannot translate")
-        source = open_audio(audio)
+        self.given_language()
+        self.open(audio)
         try:
             with cpu_buffer_cache(self.model.dims, self.model.dtype):
-                windows = MelWindows(source, self.model.dims.n_mels)
-                self._cached = (None, None)
-                language = self.language(windows)
-                self.options = replace(self.requested, language=language)
-                state = self._seek_loop(windows, language, progress)
+                self.start(self.language(self.windows))
+                self._seek_loop(progress)
         finally:
+            self.close()
+        return self.result()
+
+    def open(self, audio) -> None:
+        """Open `audio` for reading one window at a time."""
+        source = open_audio(audio)
+        try:
+            self.windows = MelWindows(source, self.model.dims.n_mels)
+        except BaseException:
             source.close()
-        tokenizer = tokenizer_for(self.model, language, self.options.task)
-        text = tokenizer.decode(state.all_tokens[state.prompt_length :]).strip()
-        return {"text": text, "segments": state.segments, "language": language}
+            raise
+        self._source, self._cached = source, (None, None)
 
-    def _seek_loop(self, windows: MelWindows, language: str, progress: bool) -> _LoopState:
-        from tqdm import tqdm
+    def close(self) -> None:
+        self._source.close()
 
-        tokenizer = tokenizer_for(self.model, language, self.options.task)
-        state = _LoopState()
+    def start(self, language: str) -> None:
+        """Begin at the first window, transcribing in `language`."""
+        self.options = replace(self.requested, language=language)
+        self.tokenizer = tokenizer_for(self.model, language, self.options.task)
+        self.state = _LoopState()
         if self.options.initial_prompt is not None:
-            state.all_tokens = tokenizer.encode(" " + self.options.initial_prompt.strip())
-        state.prompt_length = len(state.all_tokens)
-        with tqdm(total=windows.content_frames, unit="frames", disable=not progress, leave=False) as bar:
-            while state.seek < windows.content_frames:
-                previous = state.seek
-                self._step(windows, tokenizer, state)
-                bar.update(min(state.seek, windows.content_frames) - previous)
+            self.state.all_tokens = self.tokenizer.encode(" " + self.options.initial_prompt.strip())
+        self.state.prompt_length = len(self.state.all_tokens)
+
+    @property
+    def done(self) -> bool:
+        return self.state.seek >= self.windows.content_frames
+
+    def skip_silence(self) -> None:
+        """Move past digitally silent windows: nothing to hear, decoding would only invent words."""
+        while not self.done and self.windows.is_silent(self.state.seek):
+            self.state.seek += min(N_FRAMES, self.windows.content_frames - self.state.seek)
+
+    def prompt(self) -> List[int]:
+        """The previous text the window at the seek is conditioned on."""
+        return self.state.all_tokens[self.state.prompt_reset_since :]
+
+    def result(self) -> dict:
+        state = self.state
         for i, segment in enumerate(state.segments):
             segment["id"] = i
-        return state
+        text = self.tokenizer.decode(state.all_tokens[state.prompt_length :]).strip()
+        return {"text": text, "segments": state.segments, "language": self.options.language}
 
-    def _step(self, windows: MelWindows, tokenizer, state: _LoopState) -> None:
-        """Decode the window at `state.seek`, keep its segments and move the seek forward."""
-        options, seek = self.options, state.seek
+    def _seek_loop(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        frames = self.windows.content_frames
+        with tqdm(total=frames, unit="frames", disable=not progress, leave=False) as bar:
+            while not self.done:
+                previous = self.state.seek
+                self._step()
+                bar.update(min(self.state.seek, frames) - previous)
+
+    def _step(self) -> None:
+        """Decode the window at the seek, keep its segments and move the seek forward."""
+        seek = self.state.seek
+        if self.windows.is_silent(seek):
+            self.state.seek = seek + min(N_FRAMES, self.windows.content_frames - seek)
+            return
+        features = self.features_at(self.windows, seek)
+        self.keep(self.decode_window(features, self.prompt()), features)
+
+    def keep(self, result: DecodingResult, features: mx.array) -> None:
+        """Keep the segments of the window at the seek, decoded as `result`, and move the seek forward."""
+        options, state, tokenizer, windows = self.options, self.state, self.tokenizer, self.windows
+        seek = state.seek
         segment_frames = min(N_FRAMES, windows.content_frames - seek)
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
-        if windows.is_silent(seek):  # nothing to hear: decoding would only invent words
-            state.seek = seek + segment_frames
-            return
-        features = self.features_at(windows, seek)
-        prompt = state.all_tokens[state.prompt_reset_since :]
-        result = self.decode_window(features, prompt)
         if options.is_silence(result):
             state.seek = seek + segment_frames
             return
@@ -202,35 +253,41 @@ class Transcriber:
         segments = [s for s in segments if s["start"] < s["end"] and s["text"].strip()]
         new_seek = seek + advance
         if options.word_timestamps:
-            last_word_end = self._time_words(segments, tokenizer, features, segment_frames, windows, state)
+            last_word_end = self.time_words(segments, features, segment_frames)
             if not single_ending and last_word_end is not None and last_word_end > time_offset:
                 new_seek = round(last_word_end * FRAMES_PER_SECOND)  # resume right after the last word
                 segments = _drop_after(segments, last_word_end)
         state.seek = new_seek if new_seek > seek else seek + segment_frames  # always move forward
-        if options.verbose:
-            for s in segments:
-                print(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text'].strip()}")
+        self.print_segments(segments)
         state.segments += segments
         state.all_tokens += [t for s in segments for t in s["tokens"]]
         if not options.condition_on_previous_text or result.temperature > 0.5:
             state.prompt_reset_since = len(state.all_tokens)  # a high-temperature text is no good prompt
 
-    def _time_words(self, segments, tokenizer, features, segment_frames, windows, state) -> Optional[float]:
+    def print_segments(self, segments: List[dict]) -> None:
+        if not self.options.verbose:
+            return
+        label = "" if self.label is None else f"{self.label}: "
+        for s in segments:
+            print(f"{label}[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text'].strip()}")
+
+    def time_words(self, segments: List[dict], features: mx.array, segment_frames: int) -> Optional[float]:
+        """Add word timestamps to one window's segments; the end of its last word, if any."""
         add_word_timestamps(
             segments,
             self.model,
-            tokenizer,
+            self.tokenizer,
             features,
             segment_frames,
             prepend_punctuations=self.options.prepend_punctuations,
             append_punctuations=self.options.append_punctuations,
-            last_speech_timestamp=state.last_speech_timestamp,
-            end_time=windows.duration,
+            last_speech_timestamp=self.state.last_speech_timestamp,
+            end_time=self.windows.duration,
         )
         ends = [w["end"] for s in segments for w in s["words"]]
         if len(ends) == 0:
             return None
-        state.last_speech_timestamp = ends[-1]
+        self.state.last_speech_timestamp = ends[-1]
         return ends[-1]
 
 
