@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -483,11 +484,13 @@ def train_in(folder, args, model, tokenizer, splits, world, log) -> int:
     trainable, total = trainable_parameter_count(model), parameter_count(model)
     log(f"Trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M ({100 * trainable / total:.2f}%)")
     streaming = args.streaming and args.hf_dataset is not None
+    tic = time.perf_counter()
     val = featurize(splits.get("validation", []), tokenizer, args, "validation", log, rank == 0)
     train_set = [] if streaming else featurize(splits["train"], tokenizer, args, "train", log, rank == 0)
     if not streaming and not train_set:
         raise ValueError("no usable training examples (see the report above)")
     train_set = train_set + extra_examples(args, train_set, tokenizer, log, rank == 0)
+    log(f"Examples ready in {time.perf_counter() - tic:.1f} s")
     with encoder_cache_folder(args) as encoder_cache:
         loader = feature_loader(args, model, model.dims.n_mels, encoder_cache, verbose=rank == 0)
         try:
@@ -560,7 +563,9 @@ def run(args) -> int:
     rank = 0 if world is None else world.rank()
     log = print if rank == 0 else (lambda *a, **k: None)
     mx.random.seed(args.seed)
+    tic = time.perf_counter()
     model = load_model(args.model, dtype=compute_dtype(args.dtype, training=True))
+    log(f"Loaded {args.model} in {time.perf_counter() - tic:.1f} s")
     tokenizer = tokenizer_for(model, language=args.language or "en")
     splits = load_splits(args)
     if training:

@@ -122,10 +122,11 @@ def ours_runner(args, audio):
 
     model = load_model(args.model, dtype=mx.float32)
     timer = StageTimer()
-    # The decoder call, synchronised by np.array(logits); the logit rules (numpy) and log-softmax.
+    # The prompt step is synchronised by its no-speech probabilities; a per-token step is only built
+    # in _next_logits and runs when _pick reads the next tokens (with the logit rules, on the device).
     timer.wrap(decoding.DecodingTask, "_first_step", "decode: prompt step")
-    timer.wrap(decoding.DecodingTask, "_next_logits", "decode: per-token model step")
-    timer.wrap(decoding.DecodingTask, "_filtered_logprobs", "decode: logit filters + log_softmax (numpy)")
+    timer.wrap(decoding.DecodingTask, "_next_logits", "decode: per-token step, graph built")
+    timer.wrap(decoding.DecodingTask, "_pick", "decode: per-token model step + logit rules + next token")
     if not args.decode_only:
         timer.wrap(audio_module.MelWindows, "__init__", "mel")
         timer.wrap(audio_module.MelWindows, "window", "mel")

@@ -117,6 +117,7 @@ class DecodingTask:
         self.n_group = options.beam_size or options.best_of or 1
         self.initial_tokens = self._initial_tokens(options.prompt, language)
         self.rules = LogitRules(self.tokenizer, self.options)
+        self.rules_on_device = mx.default_device() == mx.gpu  # greedy and sampled decoding (see _pick)
 
     @staticmethod
     def _checked(options: DecodingOptions) -> DecodingOptions:
@@ -179,46 +180,61 @@ class DecodingTask:
         logits, kv_cache, _ = self.model.decoder(tokens, features, kv_cache, positions=positions, mask=mask)
         return logits.astype(mx.float32), kv_cache
 
-    def _first_step(self, batch: RaggedPrompts, features: mx.array):
-        """Run the prompts; return each row's last logits, the cache and no-speech probabilities."""
+    def _first_step(self, batch: RaggedPrompts, features: mx.array, on_host: bool = True):
+        """Run the prompts; return each row's last logits (NumPy when `on_host`), the cache and
+        no-speech probabilities."""
         logits, kv_cache = self._step(mx.array(batch.tokens, dtype=mx.int32), features, None)
         rows = mx.arange(logits.shape[0])
         at_sot = logits[rows, mx.array(batch.sot_index)]
         probs_at_sot = mx.softmax(at_sot, axis=-1)[:, self.tokenizer.no_speech]
         last = logits[rows, mx.array(batch.lengths - 1)]
-        return np.array(last), kv_cache, np.array(probs_at_sot)[:: self.n_group]
+        return np.array(last) if on_host else last, kv_cache, np.array(probs_at_sot)[:: self.n_group]
 
     def _filtered_logprobs(self, logits: np.ndarray, sampled: np.ndarray) -> np.ndarray:
         self.rules.apply(logits, sampled)
         return log_softmax(logits)
 
-    def _next_logits(self, sampled: np.ndarray, features: mx.array, kv_cache, batch: RaggedPrompts):
+    def _next_logits(self, sampled: np.ndarray, features: mx.array, kv_cache, batch: RaggedPrompts, on_host=True):
         """Feed the last sampled token of every row."""
         positions, mask = batch.step(sampled.shape[1], self.n_ctx)
         next_tokens = mx.array(sampled[:, -1:], dtype=mx.int32)
         logits, kv_cache = self._step(next_tokens, features, kv_cache, positions, mask)
-        return np.array(logits[:, -1]), kv_cache
+        return np.array(logits[:, -1]) if on_host else logits[:, -1], kv_cache
+
+    def _pick(self, logits: mx.array, sampled: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Each row's next token (greedy or sampled, after the logit rules) and its log-probability.
+        With `rules_on_device` only these come back from the device; else the logits do, for the
+        NumPy rules (faster on a CPU, where nothing has to cross)."""
+        temperature = self.options.temperature
+        if not self.rules_on_device:
+            host = np.array(logits)
+            logprobs = self._filtered_logprobs(host, sampled)
+            if temperature == 0:
+                tokens = host.argmax(axis=-1)
+            else:
+                tokens = np.array(mx.random.categorical(mx.array(host / temperature)))
+            return tokens, logprobs[np.arange(len(tokens)), tokens]
+        logits = self.rules.on_device(logits, sampled)
+        tokens = mx.argmax(logits, axis=-1) if temperature == 0 else mx.random.categorical(logits / temperature)
+        logprobs = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+        return np.array(tokens).astype(np.int64), np.array(logprobs).astype(np.float64)
 
     def _sample(self, batch: RaggedPrompts, features: mx.array):
         """Greedy (temperature 0) or sampled decoding of every row until end of text (or no room)."""
-        eot, temperature = self.tokenizer.eot, self.options.temperature
-        logits, kv_cache, no_speech = self._first_step(batch, features)
+        eot = self.tokenizer.eot
+        logits, kv_cache, no_speech = self._first_step(batch, features, on_host=False)
         n_rows = len(batch.lengths)
         sampled = np.zeros((n_rows, 0), dtype=np.int64)
         sum_logprobs, done = np.zeros(n_rows), np.zeros(n_rows, dtype=bool)
         for _ in range(self.sample_len):
-            logprobs = self._filtered_logprobs(logits, sampled)
-            if temperature == 0:
-                next_tokens = logits.argmax(axis=-1)
-            else:
-                next_tokens = np.array(mx.random.categorical(mx.array(logits / temperature)))
-            sum_logprobs += np.where(done, 0.0, logprobs[np.arange(n_rows), next_tokens])
+            next_tokens, logprobs = self._pick(logits, sampled)
+            sum_logprobs += np.where(done, 0.0, logprobs)
             next_tokens = np.where(done, eot, next_tokens)
             sampled = np.concatenate([sampled, next_tokens[:, None]], axis=1)
             done |= (next_tokens == eot) | (batch.lengths + sampled.shape[1] > self.n_ctx)
             if done.all():
                 break
-            logits, kv_cache = self._next_logits(sampled, features, kv_cache, batch)
+            logits, kv_cache = self._next_logits(sampled, features, kv_cache, batch, on_host=False)
         return [self._trim(row) for row in sampled], sum_logprobs, no_speech
 
     def _trim(self, row: np.ndarray) -> List[int]:

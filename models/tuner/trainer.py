@@ -321,8 +321,9 @@ def train(
             upcoming.fetch()
             steps = min(args.iters - run.start_step, PRECOMPILE_STEPS) * args.grad_accumulation
             start = run.start_step * args.grad_accumulation
-            shapes = batch_shapes(train_set, args.batch_size, steps, start_step=start, **plan)
+            shapes, tic = batch_shapes(train_set, args.batch_size, steps, start_step=start, **plan), time.perf_counter()
             trainer.precompile(shapes, tuple(upcoming.ready[0].mel.shape[1:]))
+            log(f"Compiled the training step for {len(shapes)} batch shapes in {time.perf_counter() - tic:.1f} s")
         loss_sum, token_sum, steps_in_report, tic = mx.array(0.0), mx.array(0.0), 0, time.perf_counter()
         waited, late = loader.waited, loader.late
         for step in range(run.start_step + 1, args.iters + 1):
