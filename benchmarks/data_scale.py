@@ -55,7 +55,10 @@ MAX_FIRST_STEP_S = 15.0
 # lora.py's start-up lines, (name, prefix); the time each first appears is kept. "Trainable
 # parameters" follows loading the model and reading the manifest; "train: " ends the scan of the
 # training clips (transcripts tokenized, audio headers read).
-PHASES = (("loaded", "Trainable parameters"), ("train_scanned", "train: "), ("first_step", "Iter 1:"))
+PHASES = (
+    ("loaded", "Trainable parameters"), ("train_scanned", "train: "), ("examples_ready", "Examples ready"),
+    ("first_step", "Iter 1:"),
+)  # fmt: skip
 
 
 # --- Source clips -------------------------------------------------------------------------------

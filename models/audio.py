@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -20,6 +20,7 @@ N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # the encoder's conv2 halves the frame rat
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 50 audio positions per second
 TIME_PRECISION = N_SAMPLES_PER_TOKEN / SAMPLE_RATE  # 0.02 s: the step of Whisper's timestamp tokens
+FLAC_HEAD = 26  # "fLaC", the STREAMINFO block header and its fields up to the number of samples
 
 _ASSETS = Path(__file__).parent / "assets"
 
@@ -43,7 +44,7 @@ def load_audio(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> np.ndarr
             raise AudioError(f"{name}: no such audio file")
         if path.stat().st_size == 0:
             raise AudioError(f"{name}: the file is empty")
-    missing = _wav_bytes_missing(file)
+    missing = _wav_bytes_missing(*_file_head(file))
     if missing:
         raise AudioError(
             f"{name}: truncated WAV file: its header announces {missing} more bytes of audio than "
@@ -85,9 +86,13 @@ def audio_length(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> Option
             raise AudioError(f"{name}: no such audio file" if not path.exists() else f"{name}: not a regular file")
         if path.stat().st_size == 0:
             raise AudioError(f"{name}: the file is empty")
-    missing = _wav_bytes_missing(file)
+    head, size = _file_head(file)
+    missing = _wav_bytes_missing(head, size)
     if missing:
         raise AudioError(f"{name}: truncated WAV file: its header announces {missing} more bytes than it holds")
+    frames, file_sr = _flac_stream_info(head)
+    if file_sr > 0:  # a FLAC, read without opening a decoder; 0 samples: the encoder left the length out
+        return None if frames == 0 else frames if file_sr == sr else int(round(frames * sr / file_sr))
     try:
         sound = _open_soundfile(file)
     except Exception as error:
@@ -96,25 +101,42 @@ def audio_length(file: Union[str, Path, bytes], sr: int = SAMPLE_RATE) -> Option
         return None
     with sound:
         frames, file_sr = sound.frames, sound.samplerate
+    if frames >= 2**62:  # libsndfile's "unknown length"
+        return None
     if frames <= 0:
         raise AudioError(f"{name}: the file holds no audio samples")
     return frames if file_sr == sr else int(round(frames * sr / file_sr))
 
 
-def _wav_bytes_missing(file) -> int:
-    """How many bytes of a RIFF/WAVE file's data chunk are missing from the file (0: complete, or not a WAV).
+def _file_head(file) -> Tuple[bytes, int]:
+    """The first bytes of an audio file (its chunk list for a WAV, its stream info for a FLAC) and its size."""
+    if isinstance(file, (bytes, bytearray)):
+        return bytes(file[:65536]), len(file)
+    with open(file, "rb") as f:
+        head = f.read(12)  # read a WAV's chunk list, or a FLAC's stream info, only when the file is one
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            head += f.read(65536 - 12)
+        elif head[:4] == b"fLaC":
+            head += f.read(FLAC_HEAD - 12)
+        return head, os.fstat(f.fileno()).st_size
+
+
+def _flac_stream_info(head: bytes) -> Tuple[int, int]:
+    """(samples per channel, sample rate) from a FLAC file's STREAMINFO block: (0, rate) when it leaves
+    the length unknown, (0, 0) when `head` is not a FLAC that starts with one (tags in front, say)."""
+    if len(head) < FLAC_HEAD or head[:4] != b"fLaC" or head[4] & 0x7F != 0:
+        return 0, 0
+    packed = int.from_bytes(head[18:26], "big")  # rate: 20 bits, channels: 3, bits per sample: 5, samples: 36
+    return packed & ((1 << 36) - 1), packed >> 44
+
+
+def _wav_bytes_missing(head: bytes, size: int) -> int:
+    """How many bytes of a RIFF/WAVE file's data chunk are missing from the file (0: complete, or not a WAV),
+    from its first bytes and its size (`_file_head`).
 
     libsndfile quietly shortens a WAV whose data chunk ends early, so a cut-off file would be
     read (and trained on) as if it were whole.
     """
-    if isinstance(file, (bytes, bytearray)):
-        head, size = bytes(file[:65536]), len(file)
-    else:
-        with open(file, "rb") as f:
-            head = f.read(12)  # most files are not WAV: read their chunk list only when they are
-            if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-                head += f.read(65536 - 12)
-            size = os.fstat(f.fileno()).st_size
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return 0
     offset = 12

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from conftest import SHARED, tiny_whisper
-from models.audio import N_FRAMES, SAMPLE_RATE
+from models.audio import N_FRAMES, SAMPLE_RATE, audio_length, load_audio
 from models.tokenizer import get_tokenizer
 from models.tuner.batches import iterate_batches, prepare_examples, stream_batches
 from models.tuner.cache import HEADER, ArrayCache, content_key
@@ -55,6 +55,28 @@ def shared_and_broken(tmp_path_factory) -> Path:
     ]
     (folder / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def test_flac_lengths_come_from_the_stream_info_as_the_decoder_reports_them(tmp_path):
+    files = sorted(TE_VALIDATION.glob("*.flac"))[:5]
+    for path in files:
+        with sf.SoundFile(path) as sound:
+            expected = round(sound.frames * SAMPLE_RATE / sound.samplerate)
+        assert audio_length(path) == expected == len(load_audio(path))
+    sf.write(tmp_path / "8k.flac", np.zeros(8000, np.float32), 8000)  # resampled: 1 s at 16 kHz
+    assert audio_length(tmp_path / "8k.flac") == SAMPLE_RATE
+    data = bytearray((tmp_path / "8k.flac").read_bytes())
+    data[21:26] = bytes([data[21] & 0xF0, 0, 0, 0, 0])  # "length unknown": only decoding can tell
+    (tmp_path / "unknown.flac").write_bytes(bytes(data))
+    assert audio_length(tmp_path / "unknown.flac") is None
+    (tmp_path / "garbage.flac").write_bytes(b"fLaC" + bytes(40))  # no sample rate: the decoder is asked
+    report = DropReport()
+    first = examples_of(TE_VALIDATION)[0]
+    names = ("8k.flac", "unknown.flac", "garbage.flac")
+    scanned = list(scan_examples([replace(first, audio=str(tmp_path / n)) for n in names], get_tokenizer(True), "te",
+                                 report, verbose=False))  # fmt: skip
+    assert [f.n_samples for f in scanned] == [SAMPLE_RATE]  # libsndfile decodes neither of the others: dropped
+    assert (report.kept, report.total) == (1, 3) and "unreadable audio: 2" in str(report)
 
 
 def examples_of(folder: Path):
