@@ -217,6 +217,7 @@ class DecodingTask:
         logits = self.rules.on_device(logits, sampled)
         tokens = mx.argmax(logits, axis=-1) if temperature == 0 else mx.random.categorical(logits / temperature)
         logprobs = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+        mx.eval(tokens, logprobs)  # one wait for the step, not one per array
         return np.array(tokens).astype(np.int64), np.array(logprobs).astype(np.float64)
 
     def _sample(self, batch: RaggedPrompts, features: mx.array):

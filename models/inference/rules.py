@@ -95,13 +95,11 @@ class LogitRules:
 
     def _additive_mask(self, n_vocab: int, first: bool) -> mx.array:
         if n_vocab not in self._masks:
-            masks = []
-            for extra in (self.suppress[:0], self.blank):
-                mask = np.zeros(n_vocab, dtype=np.float32)
-                mask[self.suppress] = -np.inf
-                mask[extra] = -np.inf
-                masks.append(mx.array(mask))
-            self._masks[n_vocab] = masks
+            later = np.zeros(n_vocab, dtype=np.float32)
+            later[self.suppress] = -np.inf
+            first_step = later.copy()
+            first_step[self.blank] = -np.inf
+            self._masks[n_vocab] = (mx.array(later), mx.array(first_step))
         return self._masks[n_vocab][1 if first and self.suppress_blank else 0]
 
     def _timestamp_bounds(self, sampled: np.ndarray) -> np.ndarray:

@@ -227,11 +227,10 @@ class Transcriber:
 
     def _step(self) -> None:
         """Decode the window at the seek, keep its segments and move the seek forward."""
-        seek = self.state.seek
-        if self.windows.is_silent(seek):
-            self.state.seek = seek + min(N_FRAMES, self.windows.content_frames - seek)
+        self.skip_silence()
+        if self.done:
             return
-        features = self.features_at(self.windows, seek)
+        features = self.features_at(self.windows, self.state.seek)
         self.keep(self.decode_window(features, self.prompt()), features)
 
     def keep(self, result: DecodingResult, features: mx.array) -> None:
