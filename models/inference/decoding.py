@@ -204,7 +204,7 @@ class DecodingTask:
     def _pick(self, logits: mx.array, sampled: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Each row's next token (greedy or sampled, after the logit rules) and its log-probability.
         With `rules_on_device` only these come back from the device; else the logits do, for the
-        NumPy rules (faster on a CPU, where nothing has to cross)."""
+        NumPy rules (on a CPU nothing has to cross, and the device path measured no faster)."""
         temperature = self.options.temperature
         if not self.rules_on_device:
             host = np.array(logits)
