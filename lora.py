@@ -20,6 +20,7 @@ from utils import number
 
 DEFAULTS_HELP = "(default: %(default)s)"
 CONFIG_VERSION = 1
+PACK_TAIL_PROB = 0.5  # share of packed windows that end in a clip cut off at 30 s (with --timestamp-prob > 0)
 
 
 def lora_targets(value: str) -> str:
@@ -51,7 +52,12 @@ def _recipe_flags(g) -> None:
         ("--timestamp-prob", share, "share of labels with timestamps <|0.00|> text <|end|>"),
         ("--prompt-prob", share, "share of labels after a previous-text prompt (same speaker/recording, else random)"),
         ("--no-speech-fraction", per_clip, "no-speech windows (silence, noise, hum) added per training clip"),
-        ("--pack-fraction", per_clip, "30 s windows of joined training clips (a timestamped segment each) per clip"),
+        (
+            "--pack-fraction",
+            per_clip,
+            "30 s windows of joined training clips (a timestamped segment each; "
+            "with --timestamp-prob, half end in a clip cut off at 30 s) per clip",
+        ),
     ):
         g.add_argument(flag, type=kind, default=0.0, help=what)
     g.add_argument("--mix-data", help="another local dataset mixed into training (replay), e.g. English clips")
@@ -376,12 +382,17 @@ def extra_examples(args, train_set, tokenizer, log, verbose: bool) -> List:
     """Packed windows of training clips, replay examples from --mix-data and no-speech windows."""
     from models.tuner.datasets import load_local_dataset
     from models.tuner.extras import mixed_in, no_speech_examples, packed_examples
+    from models.tuner.labels import unfinished
 
     extra, n_train = [], len(train_set)
     if args.pack_fraction > 0:
         count = max(1, round(args.pack_fraction * n_train))
-        extra += packed_examples(train_set, tokenizer, count, args.seed)
-        log(f"Packed windows: {len(extra)} of joined training clips")
+        # Half the windows end in a clip cut off at 30 s (an unfinished segment), which only
+        # timestamped labels can say.
+        tails = PACK_TAIL_PROB if args.timestamp_prob > 0 else 0.0
+        extra += packed_examples(train_set, tokenizer, count, args.seed, tail_prob=tails)
+        cut = sum(unfinished(tokenizer, f.timed) for f in extra)
+        log(f"Packed windows: {len(extra)} of joined training clips, {cut} ending in a clip cut off at 30 s")
     if args.mix_data is not None:
         splits = load_local_dataset(args.mix_data, val_fraction=0.0, text_column=args.text_column)
         pool = featurize(splits["train"], tokenizer, args, "--mix-data", log, verbose, language=None)

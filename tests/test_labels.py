@@ -9,7 +9,7 @@ import soundfile as sf
 
 import lora as lora_cli
 from conftest import make_clips
-from models.audio import N_FRAMES, SAMPLE_RATE
+from models.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from models.tokenizer import get_tokenizer
 from models.tuner.augment import SpecAugment, no_speech_audio
 from models.tuner.batches import DropReport, Features, collate, iter_features, iterate_batches, label_tokens
@@ -274,6 +274,40 @@ def test_packed_windows_join_clips_of_one_language_as_timestamped_segments(tmp_p
         assert sorted(tok.decode(window.labels[4:-1].tolist()).replace("clip", " ").split()) == ["0", "1", "2", "3"]
         loud = np.flatnonzero(np.abs(audio) > 0.01)  # the first clip's tone starts after the first gap
         assert abs(loud[0] / SAMPLE_RATE - gaps[0]) < 0.01
+
+
+def test_a_packed_window_can_end_in_a_clip_cut_off_at_30_s_labelled_as_an_unfinished_segment(tmp_path, tok):
+    from models.tuner.extras import packed_examples
+    from models.tuner.pipeline import scan_examples
+
+    folder, t = tmp_path / "long", np.arange(6 * SAMPLE_RATE) / SAMPLE_RATE
+    folder.mkdir()
+    rows = ["file_name,text,language"]
+    for i in range(7):  # 6 s tones: four fit a window, a fifth runs past its end
+        sf.write(folder / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), SAMPLE_RATE)
+        rows.append(f"c{i}.wav,clip {i},en")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    clips = list(scan_examples(read_manifest(folder), tok, None, DropReport()))
+    assert not any(len(w.audio.pieces) > 4 for w in packed_examples(clips, tok, 6, seed=0))  # tail_prob 0: none
+    cut = [w for w in packed_examples(clips, tok, 6, seed=0, tail_prob=1.0) if len(w.audio.pieces) == 5]
+    assert cut
+    en = tok.to_language_token("en")
+    for window in cut:
+        audio = window.audio.read()
+        assert len(audio) == N_SAMPLES and window.n_samples == N_SAMPLES and window.frames == N_FRAMES
+        starts = np.cumsum([gap + 6 * SAMPLE_RATE * (k > 0) for k, (_, gap) in enumerate(window.audio.pieces)])
+        assert 1.0 <= 30 - starts[-1] / SAMPLE_RATE <= 5.0  # at least 1 s of the last clip inside, 1 s cut off
+        texts = [f"clip {clip.audio[-5]}" for clip, _ in window.audio.pieces]  # .../c<i>.wav
+        expected = [tok.sot, en, tok.transcribe]
+        for k, start in enumerate(starts[:4]):
+            end = start + 6 * SAMPLE_RATE
+            expected += [timestamp_token(tok, start / SAMPLE_RATE), *words(tok, texts[k])]
+            expected.append(timestamp_token(tok, end / SAMPLE_RATE))
+        expected += [timestamp_token(tok, starts[4] / SAMPLE_RATE), tok.eot]  # the cut-off clip: its start, no text
+        row, context = Labeler(tok, [window], timestamp_prob=0.0).row(0, np.random.default_rng(0))
+        assert context == 0 and row.tolist() == expected  # always timestamped: plain labels cannot say it
+        plain = tok.decode(window.labels[4:-1].tolist()).split()
+        assert plain == " ".join(texts[:4]).split()  # the plain text holds the four whole clips only
 
 
 def test_resume_with_another_recipe_names_the_flag(tmp_path, model_folder, clips, capsys):

@@ -167,7 +167,7 @@ class Labeler:
     def row(self, index: int, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
         f, tok = self.pool[index], self.tokenizer
         labels = f.labels
-        timed = f.timed is not None and rng.random() < self.timestamp_prob
+        timed = f.timed is not None and (rng.random() < self.timestamp_prob or unfinished(tok, f.timed))
         if f.timed is None and self.prefixes and rng.random() < 0.5:  # no speech, the language given
             prefix = self.prefixes[int(rng.integers(len(self.prefixes)))]
             start = tok.timestamp_begin if rng.random() < self.timestamp_prob else tok.no_timestamps
@@ -193,6 +193,12 @@ class Labeler:
             return np.zeros(0, dtype=np.int32)
         labels = self.pool[source].labels
         return labels[text_start(self.tokenizer, labels) : -1]
+
+
+def unfinished(tokenizer: Tokenizer, timed: np.ndarray) -> bool:
+    """Timestamped labels that end with a segment's start and no text (extras.packed_examples):
+    the window cuts that speech off, so its plain labels would have no words for it."""
+    return len(timed) >= 2 and bool(np.all(timed[-2:] >= tokenizer.timestamp_begin))
 
 
 def _previous_in_group(pool: Sequence) -> np.ndarray:
