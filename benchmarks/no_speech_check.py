@@ -5,7 +5,9 @@
 
 Each model transcribes, with the default settings, 30 s of digital silence, of silence with
 dither below -80 dBFS, and of white noise at -20 dBFS, with its language forced and detected.
-Prints one line per case and a JSON summary; exits 1 when any case produced text.
+Prints one line per case and a JSON summary; exits 1 when any case produced text. --out keeps,
+per case, the language decoded and each segment's temperature, average log-probability, no-speech
+probability and compression ratio (what transcription's no-speech and fallback rules looked at).
 """
 
 import argparse
@@ -22,6 +24,9 @@ from models.inference.routing import parse_adapter_routes, with_adapters
 from models.inference.transcribe import transcribe
 from models.loading import load_model
 
+# kept per segment, so a case that gave text shows why no guard dropped it
+SEGMENT_KEYS = ("start", "end", "text", "temperature", "avg_logprob", "no_speech_prob", "compression_ratio")
+
 
 def cases() -> dict:
     silence = np.zeros(30 * SAMPLE_RATE, np.float32)
@@ -35,8 +40,20 @@ def check(model, language) -> list:
     for name, audio in cases().items():
         for forced in dict.fromkeys([language, None]):
             result = transcribe(model, audio, language=forced)
-            found.append({"case": name, "language": forced or "detected", "text": result["text"]})
+            segments = [{k: s[k] for k in SEGMENT_KEYS if k in s} for s in result["segments"]]
+            found.append({"case": name, "language": forced or "detected", "text": result["text"],
+                          "decoded_language": result.get("language"), "segments": segments})  # fmt: skip
     return found
+
+
+def _verdict(row: dict) -> str:
+    if not row["text"]:
+        return "ok"
+    stats = ", ".join(
+        f"T={s['temperature']:.1f} avg_logprob={s['avg_logprob']:.2f} no_speech={s['no_speech_prob']:.2f}"
+        for s in row["segments"][:3]
+    )
+    return f"{row['text']!r} (decoded as {row['decoded_language']}; {stats})"
 
 
 def main(argv=None) -> int:
@@ -56,7 +73,7 @@ def main(argv=None) -> int:
     for name, (model, language) in models.items():
         for row in check(model, language):
             summary.append({"model": name, **row})
-            print(f"{name:40s} {row['case']:24s} {row['language']:9s} {'ok' if not row['text'] else repr(row['text'])}")
+            print(f"{name:40s} {row['case']:24s} {row['language']:9s} {_verdict(row)}")
     failed = [r for r in summary if r["text"]]
     print(json.dumps({"cases": len(summary), "with_text": len(failed)}))
     if args.out:
