@@ -104,6 +104,20 @@ def test_audio_empty_file_is_an_error_naming_it(tmp_path):
         load_audio(tmp_path / "empty.wav")
 
 
+def test_audio_length_names_what_is_not_a_readable_audio_file_without_waiting_on_it(tmp_path):
+    from models.audio import audio_length
+
+    os.mkfifo(tmp_path / "pipe.wav")  # opening a FIFO to read would wait for a writer
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for name, why in (("pipe.wav", "not a regular file"), ("folder.wav", "not a regular file"),
+                      ("gone.wav", "no such audio file"), ("empty.wav", "the file is empty")):  # fmt: skip
+        with pytest.raises(AudioError, match=rf"{re.escape(str(tmp_path / name))}: {why}$"):
+            audio_length(tmp_path / name)
+    sf.write(tmp_path / "a.wav", tone(1.0), SAMPLE_RATE)
+    assert audio_length(tmp_path / "a.wav") == SAMPLE_RATE and audio_length(str(tmp_path / "a.wav")) == SAMPLE_RATE
+
+
 def test_audio_truncated_flac_is_an_error_not_a_silently_shorter_clip(tmp_path):
     # ffmpeg would decode the first half and say nothing: the transcript would not match the audio.
     with pytest.raises(AudioError, match=r"trunc\.flac: truncated or corrupt FLAC file \(.*\); re-export it"):
